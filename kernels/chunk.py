@@ -1,0 +1,485 @@
+"""The chunked HGRN2 recurrence in plain PyTorch: the CPU path of the op and the reference
+the Triton kernels (`chunk.py`) are read against.
+
+Per head, with the key tied to the forget gate (k = 1 - f = -expm1(g), g = log f <= 0):
+
+    h_t = exp(g_t)[:, None] * h_{t-1} + k_t[:, None] * v_t[None, :]      h_t: [K, V]
+    o_t = (scale * q_t) @ h_t                                               o_t: [V]
+
+Chunked form (chunk of C steps, b = cumsum of g inside the chunk, fp32, decreasing):
+
+    o_i   = (scale q_i * exp(b_i)) @ h_start  +  sum_{j<=i} A_ij v_j
+    A_ij  = sum_k scale q_i[k] k_j[k] exp(b_i[k] - b_j[k])                   (j <= i only)
+    h_end = exp(b_last)[:, None] * h_start + (k * exp(b_last - b))^T @ v
+
+Every exponent evaluated is <= 0: the pair term is masked to -inf in log space *before* exp,
+so strongly decaying gates (g = -30 per step) give exact zeros instead of inf * 0 = NaN.
+
+Backward (do = dL/do, dht = dL/dh_final), with dh_end[n] the gradient of the state at the end of
+chunk n coming from later chunks:
+
+    dh_start = exp(b_last) * dh_end + (scale q exp(b))^T @ do
+    dq = scale * (exp(b) * (do @ h_start^T) + sum_{j<=i} dA_ij k_j exp(b_i - b_j)),  dA = do v^T
+    dk = exp(b_last - b) * (v @ dh_end^T) + sum_{i>=j} dA_ij scale q_i exp(b_i - b_j)
+    dv = (k exp(b_last - b)) @ dh_end + A^T @ do
+    dg = revcumsum_in_chunk(q*dq - k*dk) + rowsum(dh_end * h_end) - exp(g) * dk
+
+The last line is the usual gated-linear-attention identity (the gradient of the cumulative gate
+is q*dq - k*dk summed from the future) with two HGRN2 specifics: the sum over later chunks
+collapses to rowsum(dh_end * h_end), so no pass over the whole sequence is needed, and the tied
+key adds -exp(g) * dk.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.library import wrap_triton
+
+CHUNK = 32  # small: the pair tensor [C, C, K] per chunk is what the CPU path pays for exactness
+
+
+def _chunked(x: torch.Tensor, C: int) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, N, C, D], zero-padded at the end (g = 0 there: decay 1, key 0)."""
+    B, T, H, D = x.shape
+    pad = -T % C
+    x = F.pad(x, (0, 0, 0, 0, 0, pad))
+    return x.view(B, (T + pad) // C, C, H, D).permute(0, 3, 1, 2, 4)
+
+
+def _unchunked(x: torch.Tensor, T: int) -> torch.Tensor:
+    B, H, N, C, D = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, D)[:, :T]
+
+
+def _pair_decay(b: torch.Tensor) -> torch.Tensor:
+    """exp(b_i - b_j) for j <= i, exactly 0 above the diagonal: [..., C, K] -> [..., C, C, K]."""
+    C = b.shape[-2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=b.device).tril()
+    diff = b.unsqueeze(-2) - b.unsqueeze(-3)
+    return diff.masked_fill(~causal[:, :, None], float("-inf")).exp()
+
+
+def _prepare(q, g, v, scale, C):
+    qc, gc, vc = (_chunked(x.float(), C) for x in (q, g, v))
+    b = gc.cumsum(-2)  # [B, H, N, C, K]
+    b_last = b[..., -1:, :]  # [B, H, N, 1, K]
+    k = -torch.expm1(gc)
+    qs = qc * scale
+    E = _pair_decay(b)  # [B, H, N, C, C, K]
+    A = torch.einsum("...ik,...jk,...ijk->...ij", qs, k, E)  # [B, H, N, C, C]
+    ke = k * torch.exp(b_last - b)  # key carried to the chunk end
+    return qc, gc, vc, b, b_last, k, qs, E, A, ke
+
+
+def _chunk_states(h0, b_last, ke, vc):
+    """States at every chunk start, [B, H, N, K, V], and the final state."""
+    U = ke.transpose(-1, -2) @ vc  # [B, H, N, K, V]
+    decay = b_last.exp().transpose(-1, -2)  # [B, H, N, K, 1]
+    h, starts = h0, []
+    for n in range(U.shape[2]):
+        starts.append(h)
+        h = decay[:, :, n] * h + U[:, :, n]
+    return torch.stack(starts, dim=2), h
+
+
+def chunk_hgrn2_fwd_ref(q, g, v, initial_state, scale, chunk_size=CHUNK):
+    """o [B, T, H, V] in v's dtype and the final state [B, H, K, V] fp32."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    qc, gc, vc, b, b_last, k, qs, E, A, ke = _prepare(q, g, v, scale, C)
+    h0 = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
+    starts, h_final = _chunk_states(h0, b_last, ke, vc)
+    o = (qs * b.exp()) @ starts + A @ vc  # [B, H, N, C, V]
+    return _unchunked(o, T).to(v.dtype), h_final
+
+
+def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK):
+    """Gradients (dq, dg, dv, dh0) of chunk_hgrn2; dht may be None (final state unused)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    qc, gc, vc, b, b_last, k, qs, E, A, ke = _prepare(q, g, v, scale, C)
+    h0 = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
+    starts, h_final = _chunk_states(h0, b_last, ke, vc)
+    doc = _chunked(do.float(), C)
+    N = doc.shape[2]
+
+    # Gradient of each chunk's end state, walking back from the final state's gradient.
+    qe = qs * b.exp()
+    decay = b_last.exp().transpose(-1, -2)  # [B, H, N, K, 1]
+    dh = dht.float() if dht is not None else torch.zeros_like(h0)
+    ends_grad = []
+    for n in reversed(range(N)):
+        ends_grad.append(dh)
+        dh = decay[:, :, n] * dh + qe[:, :, n].transpose(-1, -2) @ doc[:, :, n]
+    dh_end = torch.stack(ends_grad[::-1], dim=2)  # [B, H, N, K, V]
+    dh0 = dh
+    h_end = torch.cat([starts[:, :, 1:], h_final.unsqueeze(2)], dim=2)
+
+    dA = (doc @ vc.transpose(-1, -2)).tril()  # [B, H, N, C, C]
+    dq_pairs = torch.einsum("...ij,...jk,...ijk->...ik", dA, k, E)
+    dq = scale * (b.exp() * (doc @ starts.transpose(-1, -2)) + dq_pairs)
+    dk = torch.exp(b_last - b) * (vc @ dh_end.transpose(-1, -2)) + torch.einsum(
+        "...ij,...ik,...ijk->...jk", dA, qs, E
+    )
+    dv = ke @ dh_end + A.transpose(-1, -2) @ doc
+    carry = (dh_end * h_end).sum(-1).unsqueeze(-2)  # [B, H, N, 1, K]
+    dG = qc * dq - k * dk
+    dg = dG.flip(-2).cumsum(-2).flip(-2) + carry - gc.exp() * dk
+    return (
+        _unchunked(dq, T).to(q.dtype),
+        _unchunked(dg, T),
+        _unchunked(dv, T).to(v.dtype),
+        dh0,
+    )
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Design (per head; BT = 64 steps a chunk, BC = 16 rows a sub-block, K and V up to 256):
+#
+#   forward   _intra_kernel       grid (chunks, B*H)     reads q, g          writes A [BT, BT] fp32
+#             _state_kernel       grid (V/BV, B*H)       reads q, g, v, A    writes o, final state
+#   backward  _state_kernel x2    forward: chunk-start states (q's dtype), the final one at index N
+#                                 reverse: gradients of chunk-end states, and d initial state (fp32)
+#             _bwd_kernel         grid (chunks, B*H)     reads q, g, v, do, states, dstates
+#                                                        writes dq, dg (fp32), dv; recomputes A
+#
+# Only `_state_kernel` walks the sequence; it keeps the [K, BV] state in fp32 registers and does
+# three matmuls a chunk. Everything else is parallel over chunks. The key k = -expm1(g) and the
+# in-chunk cumulative gate b = cumsum(g) (fp32) are recomputed from g wherever they are needed,
+# never stored. The states are stored in the input dtype because they only feed matmuls whose
+# operands are rounded to it anyway; the final state and d initial state are fp32.
+#
+# In-chunk pair terms exp(b_i - b_j) (j <= i) are evaluated as matmuls by referring each row
+# sub-block s to the cumulative gate r just before it: (q_i exp(b_i - r)) . (k_j exp(r - b_j)).
+# For j in earlier sub-blocks both exponents are <= 0. For j in s itself the second exponent is
+# >= 0 but bounded by the sub-block's total decay; while that stays <= _FAST_RANGE the factors
+# stay finite and normal (fp32 / bf16 range) and the matmul is exact to rounding ("fast path").
+# A chunk where some sub-block decays more (gates below about exp(-4) per step over 16 steps)
+# takes the slow path: diagonal sub-blocks are evaluated pair by pair in log space, about 10x
+# the work of the fast path for that chunk, still exact.
+# ---------------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency; keep the CPU path importable
+    triton = None
+
+_FAST_RANGE = 60.0  # exp(60) = 1.1e26 and exp(-60) = 8.8e-27: finite and normal in fp32 and bf16
+_BT, _BC = 64, 16
+_DIMS = (16, 32, 64, 128, 256)
+
+
+def triton_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """The Triton path: CUDA tensors with head dims K, V in {16, 32, 64, 128, 256}."""
+    return triton is not None and q.is_cuda and q.shape[-1] in _DIMS and v.shape[-1] in _DIMS
+
+
+if triton is not None:
+
+    @triton.jit
+    def _expm1(x):
+        # Triton has no expm1; exp(x) - 1 loses all digits for |x| << 1 (gates near 1).
+        small = tl.abs(x) < 0.1
+        taylor = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0)))))
+        return tl.where(small, taylor, tl.exp(x) - 1.0)
+
+    @triton.jit
+    def _row(x, rows, i):
+        """Row i of a [BT, D] register tile, as a [D] vector (exact: one term survives the sum)."""
+        return tl.sum(tl.where(rows[:, None] == i, x, 0.0), 0)
+
+    @triton.jit
+    def _load_chunk(ptr, t0, T, HD, rows, D: tl.constexpr):
+        """Rows t0..t0+BT of one head of a [B, T, H, D] tensor (ptr already at (b, 0, h, 0))."""
+        cols = tl.arange(0, D)
+        m = (t0 + rows)[:, None] < T
+        return tl.load(ptr + (t0 + rows)[:, None] * HD + cols[None, :], mask=m, other=0.0)
+
+    @triton.jit
+    def _is_slow(b, rows, BT: tl.constexpr, BC: tl.constexpr, FAST_RANGE: tl.constexpr):
+        """Whether some sub-block decays by more than FAST_RANGE in some channel."""
+        worst = 0.0
+        for s in tl.static_range(BT // BC):
+            if s == 0:
+                ref = tl.zeros_like(_row(b, rows, 0))
+            else:
+                ref = _row(b, rows, s * BC - 1)
+            worst = tl.maximum(worst, tl.max(ref - _row(b, rows, s * BC + BC - 1), 0))
+        return worst > FAST_RANGE
+
+    @triton.jit
+    def _intra(qs, k, b, dA, rows, slow, DT: tl.constexpr, PREC: tl.constexpr,
+               BT: tl.constexpr, BC: tl.constexpr, NEED_A: tl.constexpr, NEED_GRAD: tl.constexpr):
+        """In-chunk pair terms. qs = scale * q, k, b: [BT, K] fp32; dA = tril(do v^T): [BT, BT].
+
+        A[i, j]   = sum_k qs_i k_j exp(b_i - b_j)                   (j <= i)
+        dq[i]     = sum_j dA_ij k_j exp(b_i - b_j)
+        dk[j]     = sum_i dA_ij qs_i exp(b_i - b_j)
+        """
+        causal = rows[:, None] >= rows[None, :]
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        dq = tl.zeros_like(qs)
+        dk = tl.zeros_like(qs)
+        # Sub-blocks whose keys each row block s pairs with through a matmul: all up to s itself on
+        # the fast path, only the earlier ones on the slow path.
+        last = tl.where(slow, 0, 1)
+        for s in tl.static_range(BT // BC):
+            if s == 0:
+                ref = tl.zeros_like(_row(b, rows, 0))
+            else:
+                ref = _row(b, rows, s * BC - 1)
+            in_s = (rows // BC) == s
+            keys = (rows // BC) < s + last
+            eq = tl.exp(tl.where(in_s[:, None], b - ref[None, :], float("-inf")))
+            ek = tl.exp(tl.where(keys[:, None], ref[None, :] - b, float("-inf")))
+            Qs = (qs * eq).to(DT)
+            Ks = (k * ek).to(DT)
+            pair = in_s[:, None] & causal
+            if NEED_A:
+                A += tl.where(pair, tl.dot(Qs, tl.trans(Ks), input_precision=PREC), 0.0)
+            if NEED_GRAD:
+                dAs = tl.where(pair, dA, 0.0).to(DT)
+                dq += eq * tl.dot(dAs, Ks, input_precision=PREC)
+                dk += ek * tl.dot(tl.trans(dAs), Qs, input_precision=PREC)
+        if slow:
+            # Diagonal sub-blocks pair by pair: column j against the rows i >= j of its sub-block.
+            for j in range(0, BT):
+                bj = _row(b, rows, j)
+                kj = _row(k, rows, j)
+                near = ((rows // BC) == (j // BC)) & (rows >= j)
+                E = tl.exp(tl.where(near[:, None], b - bj[None, :], float("-inf")))
+                if NEED_A:
+                    col = tl.sum(qs * kj[None, :] * E, 1)
+                    A += tl.where(rows[None, :] == j, col[:, None], 0.0)
+                if NEED_GRAD:
+                    dAj = tl.sum(tl.where(rows[None, :] == j, dA, 0.0), 1)
+                    dq += dAj[:, None] * kj[None, :] * E
+                    dkj = tl.sum(dAj[:, None] * qs * E, 0)
+                    dk += tl.where(rows[:, None] == j, dkj[None, :], 0.0)
+        return A, dq, dk
+
+    @triton.jit
+    def _intra_kernel(
+        q, g, A,  # pointers: q, g [B, T, H, K]; A [B*H, NT, BT, BT] fp32 (out)
+        T, H, scale,
+        K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+        DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
+    ):
+        n, bh = tl.program_id(0), tl.program_id(1)
+        NT = tl.cdiv(T, BT)
+        off = (bh // H) * T * H * K + (bh % H) * K
+        rows = tl.arange(0, BT)
+        qc = _load_chunk(q + off, n * BT, T, H * K, rows, K).to(tl.float32)
+        gc = _load_chunk(g + off, n * BT, T, H * K, rows, K)
+        b = tl.cumsum(gc, 0)
+        k = -_expm1(gc)
+        slow = _is_slow(b, rows, BT, BC, FAST_RANGE)
+        Ac, _, _ = _intra(qc * scale, k, b, qc, rows, slow, DT, PREC, BT, BC, True, False)
+        dst = A + ((bh * NT + n) * BT + rows[:, None]) * BT + rows[None, :]
+        tl.store(dst, Ac)
+
+    @triton.jit
+    def _state_kernel(
+        q, g, v, A, o,  # q, g [B, T, H, K]; v (or do) [B, T, H, V]; A fp32; o [B, T, H, V] (out)
+        h0, states, hT,  # h0, hT: [B, H, K, V] fp32 (in, out); states [B*H, NT+1, K, V] (out)
+        T, H, scale,
+        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+        DT: tl.constexpr, PREC: tl.constexpr,
+        REVERSE: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, STORE_STATES: tl.constexpr,
+    ):
+        """Walks the chunks with the [K, BV] state in fp32 registers.
+
+        Forward:  h <- exp(b_last) h + (k exp(b_last - b))^T v, and o = (qs exp(b)) h + A v.
+        REVERSE:  dh <- exp(b_last) dh + (qs exp(b))^T do, walking from the last chunk (v is do).
+        Each state is stored before the chunk updates it, so states[n] is the state at the start
+        of chunk n (forward) or the gradient at its end (reverse); the last one goes to hT.
+        """
+        iv, bh = tl.program_id(0), tl.program_id(1)
+        NT = tl.cdiv(T, BT)
+        rows = tl.arange(0, BT)
+        kk = tl.arange(0, K)
+        cv = iv * BV + tl.arange(0, BV)
+        offk = (bh // H) * T * H * K + (bh % H) * K
+        offv = (bh // H) * T * H * V + (bh % H) * V + iv * BV
+        state_off = kk[:, None] * V + cv[None, :]
+        if HAS_H0:
+            h = tl.load(h0 + bh * K * V + state_off)
+        else:
+            h = tl.zeros([K, BV], dtype=tl.float32)
+        for it in range(0, NT):
+            if REVERSE:
+                n = NT - 1 - it
+            else:
+                n = it
+            t0 = n * BT
+            if STORE_STATES:
+                tl.store(states + (bh * (NT + 1) + n) * K * V + state_off, h.to(states.dtype.element_ty))
+            gc = _load_chunk(g + offk, t0, T, H * K, rows, K)
+            b = tl.cumsum(gc, 0)
+            b_last = _row(b, rows, BT - 1)
+            vc = _load_chunk(v + offv, t0, T, H * V, rows, BV)
+            if REVERSE or STORE_O:
+                qe = _load_chunk(q + offk, t0, T, H * K, rows, K).to(tl.float32) * scale * tl.exp(b)
+            if STORE_O:
+                Ac = tl.load(A + ((bh * NT + n) * BT + rows[:, None]) * BT + rows[None, :])
+                oc = tl.dot(qe.to(DT), h.to(DT), input_precision=PREC)
+                oc += tl.dot(Ac.to(DT), vc.to(DT), input_precision=PREC)
+                m = (t0 + rows)[:, None] < T
+                tl.store(o + offv + (t0 + rows)[:, None] * (H * V) + tl.arange(0, BV)[None, :],
+                         oc.to(o.dtype.element_ty), mask=m)
+            if REVERSE:
+                x = qe
+            else:
+                x = -_expm1(gc) * tl.exp(b_last[None, :] - b)
+            h = tl.exp(b_last)[:, None] * h + tl.dot(tl.trans(x.to(DT)), vc.to(DT), input_precision=PREC)
+        if STORE_STATES:
+            tl.store(states + (bh * (NT + 1) + NT) * K * V + state_off, h.to(states.dtype.element_ty))
+        tl.store(hT + bh * K * V + state_off, h)
+
+    @triton.jit
+    def _bwd_kernel(
+        q, g, v, do,  # [B, T, H, K] / [B, T, H, V]
+        states, dstates,  # [B*H, NT+1, K, V]: chunk-start states (last: final); chunk-end gradients
+        dq, dg, dv,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32, [B, T, H, V]
+        T, H, scale,
+        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
+        DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
+    ):
+        n, bh = tl.program_id(0), tl.program_id(1)
+        NT = tl.cdiv(T, BT)
+        t0 = n * BT
+        rows = tl.arange(0, BT)
+        kk = tl.arange(0, K)
+        offk = (bh // H) * T * H * K + (bh % H) * K
+        offv = (bh // H) * T * H * V + (bh % H) * V
+        qc = _load_chunk(q + offk, t0, T, H * K, rows, K).to(tl.float32)
+        gc = _load_chunk(g + offk, t0, T, H * K, rows, K)
+        b = tl.cumsum(gc, 0)
+        b_last = _row(b, rows, BT - 1)
+        k = -_expm1(gc)
+        qs = qc * scale
+        eb = tl.exp(b)
+        ke = k * tl.exp(b_last[None, :] - b)  # key carried to the chunk end
+        slow = _is_slow(b, rows, BT, BC, FAST_RANGE)
+        Ac, _, _ = _intra(qs, k, b, qc, rows, slow, DT, PREC, BT, BC, True, False)
+
+        dA = tl.zeros([BT, BT], dtype=tl.float32)
+        dq_h = tl.zeros([BT, K], dtype=tl.float32)  # do @ h_start^T
+        dk_h = tl.zeros([BT, K], dtype=tl.float32)  # v @ dh_end^T
+        carry = tl.zeros([K], dtype=tl.float32)  # rowsum(dh_end * h_end)
+        st = states + (bh * (NT + 1) + n) * K * V
+        dst = dstates + (bh * (NT + 1) + n) * K * V
+        m = (t0 + rows)[:, None] < T
+        for iv in range(0, V // BV):
+            cv = iv * BV + tl.arange(0, BV)
+            sv = kk[:, None] * V + cv[None, :]
+            vc = _load_chunk(v + offv + iv * BV, t0, T, H * V, rows, BV).to(DT)
+            doc = _load_chunk(do + offv + iv * BV, t0, T, H * V, rows, BV).to(DT)
+            h_start = tl.load(st + sv).to(DT)
+            h_end = tl.load(st + K * V + sv)
+            dh_end = tl.load(dst + sv)
+            dA += tl.dot(doc, tl.trans(vc), input_precision=PREC)
+            dq_h += tl.dot(doc, tl.trans(h_start), input_precision=PREC)
+            dk_h += tl.dot(vc, tl.trans(dh_end.to(DT)), input_precision=PREC)
+            carry += tl.sum(dh_end.to(tl.float32) * h_end.to(tl.float32), 1)
+            dvc = tl.dot(ke.to(DT), dh_end.to(DT), input_precision=PREC)
+            dvc += tl.dot(tl.trans(Ac.to(DT)), doc, input_precision=PREC)
+            dv_ptr = dv + offv + (t0 + rows)[:, None] * (H * V) + cv[None, :]
+            tl.store(dv_ptr, dvc.to(dv.dtype.element_ty), mask=m)
+
+        dA = tl.where(rows[:, None] >= rows[None, :], dA, 0.0)
+        _, dq_in, dk_in = _intra(qs, k, b, dA, rows, slow, DT, PREC, BT, BC, False, True)
+        dqc = scale * (eb * dq_h + dq_in)
+        dkc = tl.exp(b_last[None, :] - b) * dk_h + dk_in
+        dgc = tl.cumsum(qc * dqc - k * dkc, 0, reverse=True) + carry[None, :] - tl.exp(gc) * dkc
+        ptr = offk + (t0 + rows)[:, None] * (H * K) + kk[None, :]
+        tl.store(dq + ptr, dqc.to(dq.dtype.element_ty), mask=m)
+        tl.store(dg + ptr, dgc, mask=m)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch(kernel):
+    # wrap_triton lets Inductor see the kernel inside the triton_op; the interpreter (CPU tests)
+    # runs the raw kernel.
+    return kernel if _interpreting() else wrap_triton(kernel)
+
+
+def _dot_config(dtype: torch.dtype):
+    """Matmul operand dtype and precision: bf16 operands for bf16 inputs; fp32 operands otherwise
+    (fp16 has too little range for the sub-block factors), with 3xTF32 for fp32 inputs so the
+    fp32 path keeps fp32 accuracy."""
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, "tf32"
+    return tl.float32, ("tf32x3" if dtype == torch.float32 else "tf32")
+
+
+def _bv(V: int) -> int:
+    return min(V, 64)
+
+
+def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
+    """Triton forward. q, g [B, T, H, K] (g fp32), v [B, T, H, V]; returns o, final state fp32."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    q, g, v = q.contiguous(), g.contiguous(), v.contiguous()
+    NT = triton.cdiv(T, _BT)
+    DT, PREC = _dot_config(q.dtype)
+    A = torch.empty(B * H, NT, _BT, _BT, device=q.device, dtype=torch.float32)
+    _launch(_intra_kernel)[(NT, B * H)](
+        q, g, A, T, H, scale, K=K, BT=_BT, BC=_BC, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, num_warps=4
+    )
+    o = torch.empty_like(v)
+    hT = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+    h0 = initial_state.contiguous() if initial_state is not None else hT
+    BV = _bv(V)
+    _launch(_state_kernel)[(V // BV, B * H)](
+        q, g, v, A, o, h0, hT, hT, T, H, scale,
+        K=K, V=V, BT=_BT, BV=BV, DT=DT, PREC=PREC,
+        REVERSE=False, HAS_H0=initial_state is not None, STORE_O=True, STORE_STATES=False, num_warps=4,
+    )
+    return o, hT
+
+
+def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale):
+    """Triton backward: (dq, dg fp32, dv, d initial state fp32)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    q, g, v, do = q.contiguous(), g.contiguous(), v.contiguous(), do.contiguous()
+    NT = triton.cdiv(T, _BT)
+    DT, PREC = _dot_config(q.dtype)
+    BV = _bv(V)
+    states = torch.empty(B * H, NT + 1, K, V, device=q.device, dtype=q.dtype)
+    dstates = torch.empty_like(states)
+    hT = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+    dh0 = torch.empty_like(hT)
+    common = dict(K=K, V=V, BT=_BT, BV=BV, DT=DT, PREC=PREC, STORE_O=False, STORE_STATES=True, num_warps=4)
+    h0 = initial_state.contiguous() if initial_state is not None else hT
+    _launch(_state_kernel)[(V // BV, B * H)](
+        q, g, v, hT, v, h0, states, hT, T, H, scale,
+        REVERSE=False, HAS_H0=initial_state is not None, **common,
+    )
+    dht_ = dht.contiguous() if dht is not None else dh0
+    _launch(_state_kernel)[(V // BV, B * H)](
+        q, g, do, hT, do, dht_, dstates, dh0, T, H, scale,
+        REVERSE=True, HAS_H0=dht is not None, **common,
+    )
+    dq = torch.empty_like(q)
+    dg = torch.empty_like(g)
+    dv = torch.empty_like(v)
+    _launch(_bwd_kernel)[(NT, B * H)](
+        q, g, v, do, states, dstates, dq, dg, dv, T, H, scale,
+        K=K, V=V, BT=_BT, BC=_BC, BV=BV, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, num_warps=8,
+    )
+    return dq, dg, dv, dh0
