@@ -19,15 +19,23 @@ Backward (do = dL/do, dht = dL/dh_final), with dh_end[n] the gradient of the sta
 chunk n coming from later chunks:
 
     dh_start = exp(b_last) * dh_end + (scale q exp(b))^T @ do
-    dq = scale * (exp(b) * (do @ h_start^T) + sum_{j<=i} dA_ij k_j exp(b_i - b_j)),  dA = do v^T
-    dk = exp(b_last - b) * (v @ dh_end^T) + sum_{i>=j} dA_ij scale q_i exp(b_i - b_j)
-    dv = (k exp(b_last - b)) @ dh_end + A^T @ do
-    dg = revcumsum_in_chunk(q*dq - k*dk) + rowsum(dh_end * h_end) - exp(g) * dk
+    dq = dq_h + scale * sum_{j<=i} dA_ij k_j exp(b_i - b_j),    dq_h = scale exp(b) * (do @ h_start^T)
+    dk = dk_h + sum_{i>=j} dA_ij scale q_i exp(b_i - b_j),       dk_h = exp(b_last - b) * (v @ dh_end^T)
+    dv = (k exp(b_last - b)) @ dh_end + A^T @ do,                dA = do v^T
 
-The last line is the usual gated-linear-attention identity (the gradient of the cumulative gate
-is q*dq - k*dk summed from the future) with two HGRN2 specifics: the sum over later chunks
-collapses to rowsum(dh_end * h_end), so no pass over the whole sequence is needed, and the tied
-key adds -exp(g) * dk.
+and the gate, from dg_t = exp(g_t) * (rowsum(dh_t * h_{t-1}) - dk_t) split over where dh_t and
+h_{t-1} come from (outside the chunk or inside it):
+
+    dg_t = exp(b_last) rowsum(dh_end * h_start)
+         + sum_{j<t} k_j dk_h_j  +  sum_{i>=t} q_i dq_h_i
+         + sum_{i>=t} (q_i dq'_i - k_i dk'_i)            (dq', dk': pair sums over j < i only)
+         - exp(g_t) dk_t
+
+The usual gated-linear-attention form, revcumsum(q*dq - k*dk) plus a carry, is the same sum
+but lets O(1) terms (the diagonal pairs, the last key against the chunk-end state) cancel, which
+leaves absolute rounding error ~1e-7 on a dg that is ~exp(g): all error when gates are near 0.
+Written as above every term carries its own decay, so dg keeps its relative accuracy there, and
+no pass over the whole sequence is needed.
 """
 
 from __future__ import annotations
@@ -92,6 +100,8 @@ def chunk_hgrn2_fwd_ref(q, g, v, initial_state, scale, chunk_size=CHUNK):
     C = chunk_size
     qc, gc, vc, b, b_last, k, qs, E, A, ke = _prepare(q, g, v, scale, C)
     h0 = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
+    if T == 0:
+        return v.new_empty(B, 0, H, V), h0.clone()
     starts, h_final = _chunk_states(h0, b_last, ke, vc)
     o = (qs * b.exp()) @ starts + A @ vc  # [B, H, N, C, V]
     return _unchunked(o, T).to(v.dtype), h_final
@@ -104,7 +114,10 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
     C = chunk_size
     qc, gc, vc, b, b_last, k, qs, E, A, ke = _prepare(q, g, v, scale, C)
     h0 = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
-    starts, h_final = _chunk_states(h0, b_last, ke, vc)
+    if T == 0:
+        dh0 = dht.float().clone() if dht is not None else torch.zeros_like(h0)
+        return torch.zeros_like(q), torch.zeros_like(g), torch.zeros_like(v), dh0
+    starts, _ = _chunk_states(h0, b_last, ke, vc)
     doc = _chunked(do.float(), C)
     N = doc.shape[2]
 
@@ -118,18 +131,21 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
         dh = decay[:, :, n] * dh + qe[:, :, n].transpose(-1, -2) @ doc[:, :, n]
     dh_end = torch.stack(ends_grad[::-1], dim=2)  # [B, H, N, K, V]
     dh0 = dh
-    h_end = torch.cat([starts[:, :, 1:], h_final.unsqueeze(2)], dim=2)
 
-    dA = (doc @ vc.transpose(-1, -2)).tril()  # [B, H, N, C, C]
-    dq_pairs = torch.einsum("...ij,...jk,...ijk->...ik", dA, k, E)
-    dq = scale * (b.exp() * (doc @ starts.transpose(-1, -2)) + dq_pairs)
-    dk = torch.exp(b_last - b) * (vc @ dh_end.transpose(-1, -2)) + torch.einsum(
-        "...ij,...ik,...ijk->...jk", dA, qs, E
-    )
+    dA_full = doc @ vc.transpose(-1, -2)  # [B, H, N, C, C]
+    dA = dA_full.tril(-1)  # pairs j < i; the diagonal (exp(0) = 1) is added on its own
+    diag = dA_full.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [B, H, N, C, 1]
+    dq_pairs = scale * torch.einsum("...ij,...jk,...ijk->...ik", dA, k, E)
+    dk_pairs = torch.einsum("...ij,...ik,...ijk->...jk", dA, qs, E)
+    dq_h = scale * b.exp() * (doc @ starts.transpose(-1, -2))
+    dk_h = torch.exp(b_last - b) * (vc @ dh_end.transpose(-1, -2))
+    dq = dq_h + dq_pairs + scale * diag * k
+    dk = dk_h + dk_pairs + diag * qs
     dv = ke @ dh_end + A.transpose(-1, -2) @ doc
-    carry = (dh_end * h_end).sum(-1).unsqueeze(-2)  # [B, H, N, 1, K]
-    dG = qc * dq - k * dk
-    dg = dG.flip(-2).cumsum(-2).flip(-2) + carry - gc.exp() * dk
+    outside = b_last.exp() * (dh_end * starts).sum(-1).unsqueeze(-2)  # [B, H, N, 1, K]
+    keys_before = F.pad((k * dk_h).cumsum(-2)[..., :-1, :], (0, 0, 1, 0))  # sum over j < t
+    later = (qc * (dq_h + dq_pairs) - k * dk_pairs).flip(-2).cumsum(-2).flip(-2)  # sum over i >= t
+    dg = outside + keys_before + later - gc.exp() * dk
     return (
         _unchunked(dq, T).to(q.dtype),
         _unchunked(dg, T),
@@ -146,7 +162,7 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #
 #   forward   _intra_kernel       grid (chunks, B*H)     reads q, g          writes A [BT, BT] fp32
 #             _state_kernel       grid (V/BV, B*H)       reads q, g, v, A    writes o, final state
-#   backward  _state_kernel x2    forward: chunk-start states (q's dtype), the final one at index N
+#   backward  _state_kernel x2    forward: chunk-start states (q's dtype)
 #                                 reverse: gradients of chunk-end states, and d initial state (fp32)
 #             _bwd_kernel         grid (chunks, B*H)     reads q, g, v, do, states, dstates
 #                                                        writes dq, dg (fp32), dv; recomputes A
@@ -179,8 +195,10 @@ _DIMS = (16, 32, 64, 128, 256)
 
 
 def triton_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """The Triton path: CUDA tensors with head dims K, V in {16, 32, 64, 128, 256}."""
-    return triton is not None and q.is_cuda and q.shape[-1] in _DIMS and v.shape[-1] in _DIMS
+    """The Triton path: CUDA tensors, T > 0, head dims K, V in {16, 32, 64, 128, 256}."""
+    return (
+        triton is not None and q.is_cuda and q.shape[1] > 0 and q.shape[-1] in _DIMS and v.shape[-1] in _DIMS
+    )
 
 
 if triton is not None:
@@ -290,7 +308,7 @@ if triton is not None:
     @triton.jit
     def _state_kernel(
         q, g, v, A, o,  # q, g [B, T, H, K]; v (or do) [B, T, H, V]; A fp32; o [B, T, H, V] (out)
-        h0, states, hT,  # h0, hT: [B, H, K, V] fp32 (in, out); states [B*H, NT+1, K, V] (out)
+        h0, states, hT,  # h0, hT: [B, H, K, V] fp32 (in, out); states [B*H, NT, K, V] (out)
         T, H, scale,
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
         DT: tl.constexpr, PREC: tl.constexpr,
@@ -301,7 +319,8 @@ if triton is not None:
         Forward:  h <- exp(b_last) h + (k exp(b_last - b))^T v, and o = (qs exp(b)) h + A v.
         REVERSE:  dh <- exp(b_last) dh + (qs exp(b))^T do, walking from the last chunk (v is do).
         Each state is stored before the chunk updates it, so states[n] is the state at the start
-        of chunk n (forward) or the gradient at its end (reverse); the last one goes to hT.
+        of chunk n (forward) or the gradient at its end (reverse); the last one goes to hT
+        (the final state, or the gradient of the initial state).
         """
         iv, bh = tl.program_id(0), tl.program_id(1)
         NT = tl.cdiv(T, BT)
@@ -322,7 +341,7 @@ if triton is not None:
                 n = it
             t0 = n * BT
             if STORE_STATES:
-                tl.store(states + (bh * (NT + 1) + n) * K * V + state_off, h.to(states.dtype.element_ty))
+                tl.store(states + (bh * NT + n) * K * V + state_off, h.to(states.dtype.element_ty))
             gc = _load_chunk(g + offk, t0, T, H * K, rows, K)
             b = tl.cumsum(gc, 0)
             b_last = _row(b, rows, BT - 1)
@@ -341,14 +360,12 @@ if triton is not None:
             else:
                 x = -_expm1(gc) * tl.exp(b_last[None, :] - b)
             h = tl.exp(b_last)[:, None] * h + tl.dot(tl.trans(x.to(DT)), vc.to(DT), input_precision=PREC)
-        if STORE_STATES:
-            tl.store(states + (bh * (NT + 1) + NT) * K * V + state_off, h.to(states.dtype.element_ty))
         tl.store(hT + bh * K * V + state_off, h)
 
     @triton.jit
     def _bwd_kernel(
         q, g, v, do,  # [B, T, H, K] / [B, T, H, V]
-        states, dstates,  # [B*H, NT+1, K, V]: chunk-start states (last: final); chunk-end gradients
+        states, dstates,  # [B*H, NT, K, V]: chunk-start states; gradients of chunk-end states
         dq, dg, dv,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32, [B, T, H, V]
         T, H, scale,
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
@@ -375,32 +392,41 @@ if triton is not None:
         dA = tl.zeros([BT, BT], dtype=tl.float32)
         dq_h = tl.zeros([BT, K], dtype=tl.float32)  # do @ h_start^T
         dk_h = tl.zeros([BT, K], dtype=tl.float32)  # v @ dh_end^T
-        carry = tl.zeros([K], dtype=tl.float32)  # rowsum(dh_end * h_end)
-        st = states + (bh * (NT + 1) + n) * K * V
-        dst = dstates + (bh * (NT + 1) + n) * K * V
+        outside = tl.zeros([K], dtype=tl.float32)  # rowsum(dh_end * h_start)
+        st = states + (bh * NT + n) * K * V
+        dst = dstates + (bh * NT + n) * K * V
         m = (t0 + rows)[:, None] < T
         for iv in range(0, V // BV):
             cv = iv * BV + tl.arange(0, BV)
             sv = kk[:, None] * V + cv[None, :]
             vc = _load_chunk(v + offv + iv * BV, t0, T, H * V, rows, BV).to(DT)
             doc = _load_chunk(do + offv + iv * BV, t0, T, H * V, rows, BV).to(DT)
-            h_start = tl.load(st + sv).to(DT)
-            h_end = tl.load(st + K * V + sv)
+            h_start = tl.load(st + sv)
             dh_end = tl.load(dst + sv)
             dA += tl.dot(doc, tl.trans(vc), input_precision=PREC)
-            dq_h += tl.dot(doc, tl.trans(h_start), input_precision=PREC)
+            dq_h += tl.dot(doc, tl.trans(h_start.to(DT)), input_precision=PREC)
             dk_h += tl.dot(vc, tl.trans(dh_end.to(DT)), input_precision=PREC)
-            carry += tl.sum(dh_end.to(tl.float32) * h_end.to(tl.float32), 1)
+            outside += tl.sum(dh_end.to(tl.float32) * h_start.to(tl.float32), 1)
             dvc = tl.dot(ke.to(DT), dh_end.to(DT), input_precision=PREC)
             dvc += tl.dot(tl.trans(Ac.to(DT)), doc, input_precision=PREC)
             dv_ptr = dv + offv + (t0 + rows)[:, None] * (H * V) + cv[None, :]
             tl.store(dv_ptr, dvc.to(dv.dtype.element_ty), mask=m)
 
-        dA = tl.where(rows[:, None] >= rows[None, :], dA, 0.0)
+        # Pairs j < i through _intra; the diagonal pairs (decay exp(0) = 1) on their own, so that
+        # dg below never cancels them (see chunk_hgrn2_bwd_ref).
+        diag = tl.sum(tl.where(rows[:, None] == rows[None, :], dA, 0.0), 1)
+        dA = tl.where(rows[:, None] > rows[None, :], dA, 0.0)
         _, dq_in, dk_in = _intra(qs, k, b, dA, rows, slow, DT, PREC, BT, BC, False, True)
-        dqc = scale * (eb * dq_h + dq_in)
-        dkc = tl.exp(b_last[None, :] - b) * dk_h + dk_in
-        dgc = tl.cumsum(qc * dqc - k * dkc, 0, reverse=True) + carry[None, :] - tl.exp(gc) * dkc
+        dq_h = scale * eb * dq_h
+        dk_h = tl.exp(b_last[None, :] - b) * dk_h
+        dqc = dq_h + scale * (dq_in + diag[:, None] * k)
+        dkc = dk_h + dk_in + diag[:, None] * qs
+        # sum over j < t of k_j dk_h_j: a strictly lower-triangular matmul, exact in fp32, instead of
+        # an inclusive cumsum minus the row (which would cancel).
+        before = (rows[:, None] > rows[None, :]).to(tl.float32)
+        keys_before = tl.dot(before, k * dk_h, input_precision="ieee")
+        later = tl.cumsum(qc * (dq_h + scale * dq_in) - k * dk_in, 0, reverse=True)
+        dgc = tl.exp(b_last)[None, :] * outside[None, :] + keys_before + later - tl.exp(gc) * dkc
         ptr = offk + (t0 + rows)[:, None] * (H * K) + kk[None, :]
         tl.store(dq + ptr, dqc.to(dq.dtype.element_ty), mask=m)
         tl.store(dg + ptr, dgc, mask=m)
@@ -460,7 +486,7 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale):
     NT = triton.cdiv(T, _BT)
     DT, PREC = _dot_config(q.dtype)
     BV = _bv(V)
-    states = torch.empty(B * H, NT + 1, K, V, device=q.device, dtype=q.dtype)
+    states = torch.empty(B * H, NT, K, V, device=q.device, dtype=q.dtype)
     dstates = torch.empty_like(states)
     hT = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
     dh0 = torch.empty_like(hT)

@@ -4,6 +4,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Without a GPU the raw Triton kernels run under Triton's interpreter (numpy on the CPU). It is
+# chosen when a kernel is decorated, so it has to be set before hgrn2mini.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Hypothesis profiles: "ci" is derandomized and sized for CI's 2-core budget; "dev" draws more
 # examples with fresh randomness; "gpu" is the long profile used on the device machine.
 _common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])

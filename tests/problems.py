@@ -1,0 +1,59 @@
+"""Hypothesis strategy for recurrence problems, shared by the op and kernel tests.
+
+It draws the hard cases on purpose: T = 1, T not a multiple of the chunk (32 on the CPU path,
+64 in Triton), gates from near 0 (forget logits down to -20, or g = -30 per step) to near 1
+(logits up to +20, lower bounds up to 0.999), K != V, with and without an initial state.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+from naive import gates
+
+
+@dataclass
+class Problem:
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    gate: str  # "logits" or "uniform30" (g uniform in [-30, 0]: every sub-block on the slow path)
+    shift: float  # mean forget logit
+    lower_bound: float
+    with_state: bool
+    seed: int
+
+    def inputs(self, device="cpu"):
+        """float64 q, g, v, h0 (or None), do, dht on device."""
+        gen = torch.Generator().manual_seed(self.seed)
+        B, T, H, K, V = self.B, self.T, self.H, self.K, self.V
+        rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+        q, v = rnd(B, T, H, K), rnd(B, T, H, V)
+        if self.gate == "uniform30":
+            g = -30 * torch.rand(B, T, H, K, generator=gen, dtype=torch.float64)
+        else:
+            g = gates(self.shift + 2 * rnd(B, T, H, K), self.lower_bound)
+        h0 = rnd(B, H, K, V) if self.with_state else None
+        do, dht = rnd(B, T, H, V), rnd(B, H, K, V)
+        out = [q, g, v, h0, do, dht]
+        return [x.to(device) if x is not None else None for x in out]
+
+
+def problems(max_T=300, dims=(4, 8, 16, 24, 32), max_B=2, max_H=3):
+    T = st.one_of(st.just(1), st.integers(1, 70), st.integers(1, max_T))
+    return st.builds(
+        Problem,
+        B=st.integers(1, max_B),
+        T=T,
+        H=st.integers(1, max_H),
+        K=st.sampled_from(dims),
+        V=st.sampled_from(dims),
+        gate=st.sampled_from(["logits", "logits", "logits", "uniform30"]),
+        shift=st.one_of(st.sampled_from([-20.0, 0.0, 20.0]), st.floats(-20, 20)),
+        lower_bound=st.sampled_from([0.0, 0.0, 0.5, 0.9, 0.999]),
+        with_state=st.booleans(),
+        seed=st.integers(0, 2**31 - 1),
+    )

@@ -1,0 +1,209 @@
+"""The recurrence op `hgrn2mini::chunk_hgrn2` against the step-by-step float64 loop."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from naive import naive_recurrence, rel_err
+from problems import problems
+
+from hgrn2mini.ops import chunk_hgrn2
+
+# Relative error (norm of the difference over norm of the float64 reference) per input dtype.
+# fp32: the cumulative gate is an fp32 sum, so exp(b_i - b_j) carries ~|b| * 2^-24 relative error
+# (|b| up to 64 * 30 in a chunk); bf16: operands of every matmul are rounded to 8 bits.
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+def reference(p, q, g, v, h0, do, dht):
+    """Outputs and gradients of the naive loop in float64."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, g, v)]
+    h0 = h0.detach().clone().requires_grad_() if h0 is not None else None
+    o, hT = naive_recurrence(*leaves, h0)
+    grads = torch.autograd.grad((o * do).sum() + (hT * dht).sum(), leaves + ([h0] if h0 is not None else []))
+    return o, hT, grads
+
+
+def run_op(dtype, q, g, v, h0, do, dht):
+    leaves = [q.to(dtype).requires_grad_(), g.float().requires_grad_(), v.to(dtype).requires_grad_()]
+    h0 = h0.float().requires_grad_() if h0 is not None else None
+    o, hT = chunk_hgrn2(*leaves, h0)
+    loss = (o.float() * do.float()).sum() + (hT * dht.float()).sum()
+    grads = torch.autograd.grad(loss, leaves + ([h0] if h0 is not None else []))
+    return o, hT, grads
+
+
+def check_against_naive(p, dtype, device):
+    q, g, v, h0, do, dht = p.inputs(device)
+    # The reference sees the inputs the op sees: q, v (and do, through autograd) in `dtype`, g and
+    # the states in fp32. Rounding the inputs is not the op's error; everything after is.
+    q, v, do = (x.to(dtype).double() for x in (q, v, do))
+    g, dht = g.float().double(), dht.float().double()
+    h0 = h0.float().double() if h0 is not None else None
+    o_ref, hT_ref, g_ref = reference(p, q, g, v, h0, do, dht)
+    o, hT, grads = run_op(dtype, q, g, v, h0, do, dht)
+    tol = TOL[dtype]
+    errs = {"o": rel_err(o, o_ref), "final_state": rel_err(hT, hT_ref)}
+    for name, got, want in zip(["dq", "dg", "dv", "dh0"], grads, g_ref):
+        errs[name] = rel_err(got, want)
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"relative errors over {tol} for {dtype}: {bad} ({p})"
+
+
+@given(problems())
+def test_op_matches_naive_loop_cpu(p):
+    check_against_naive(p, torch.float32, "cpu")
+
+
+@settings(max_examples=10)
+@given(problems(max_T=100))
+def test_op_bf16_cpu(p):
+    check_against_naive(p, torch.bfloat16, "cpu")
+
+
+@given(problems(max_T=200), st.data())
+def test_split_sequence_equals_whole(p, data):
+    """Running [0, s) then [s, T) with the state passed gives the whole sequence's result."""
+    q, g, v, h0, _, _ = (x.float() if x is not None else None for x in p.inputs())
+    s = data.draw(st.integers(0, p.T), label="split")
+    o, hT = chunk_hgrn2(q, g, v, h0)
+    o1, h1 = chunk_hgrn2(q[:, :s], g[:, :s], v[:, :s], h0)
+    o2, h2 = chunk_hgrn2(q[:, s:], g[:, s:], v[:, s:], h1)
+    assert rel_err(torch.cat([o1, o2], 1), o) <= 1e-5
+    assert rel_err(h2, hT) <= 1e-5
+
+
+def _opcheck_args(device, dtype, with_state):
+    torch.manual_seed(0)
+    B, T, H, K, V = 2, 70, 2, 16, 32
+    q = torch.randn(B, T, H, K, device=device, dtype=dtype, requires_grad=True)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device=device)).requires_grad_()
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(B, H, K, V, device=device, requires_grad=True) if with_state else None
+    return q, g, v, h0
+
+
+def opcheck_both(device, dtype, with_state):
+    q, g, v, h0 = _opcheck_args(device, dtype, with_state)
+    torch.library.opcheck(torch.ops.hgrn2mini.chunk_hgrn2.default, (q, g, v, h0, 0.25))
+    do = torch.randn_like(v)
+    dht = torch.randn(q.shape[0], q.shape[2], q.shape[3], v.shape[3], device=device)
+    args = tuple(x.detach() if x is not None else None for x in (q, g, v, h0)) + (do, dht, 0.25)
+    torch.library.opcheck(torch.ops.hgrn2mini.chunk_hgrn2_bwd.default, args)
+
+
+def test_opcheck_cpu():
+    # One case: opcheck compiles the op several ways, about a minute on two cores. The GPU run
+    # covers with and without a state, fp32 and bf16.
+    opcheck_both("cpu", torch.float32, True)
+
+
+def test_gradient_of_sum_with_stride_zero():
+    """`.sum()` sends a stride-0 gradient; the op must treat it as dense."""
+    q, g, v, h0 = _opcheck_args("cpu", torch.float32, True)
+    o, hT = chunk_hgrn2(q, g, v, h0)
+    (o.sum() + hT.sum()).backward()
+    ref = [x.detach().double().requires_grad_() for x in (q, g, v, h0)]
+    o_r, hT_r = naive_recurrence(*ref)
+    (o_r.sum() + hT_r.sum()).backward()
+    for x, r in zip((q, g, v, h0), ref):
+        assert rel_err(x.grad, r.grad) <= TOL[torch.float32]
+
+
+def test_double_backward_is_a_clear_error():
+    q, g, v, _ = _opcheck_args("cpu", torch.float32, False)
+    o, _ = chunk_hgrn2(q, g, v)
+    (dq,) = torch.autograd.grad(o.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="chunk_hgrn2_bwd"):
+        dq.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(q=torch.randn(2, 5, 2)), r"q must be \[B, T, H, D\]"),
+        (dict(g=torch.randn(2, 5, 2, 8, dtype=torch.float64)), "g .* must be float32"),
+        (dict(g=torch.randn(2, 6, 2, 8)), "g must have q's shape"),
+        (dict(v=torch.randn(2, 5, 3, 4)), "v must be"),
+        (dict(v=torch.randn(2, 5, 2, 4, dtype=torch.bfloat16)), "v must have q's dtype"),
+        (dict(q=torch.randint(0, 3, (2, 5, 2, 8))), "q must be float32, bfloat16 or float16"),
+        (dict(initial_state=torch.randn(2, 2, 8, 5)), r"initial_state must be \[B, H, K, V\]"),
+        (dict(initial_state=torch.randn(2, 2, 8, 4, dtype=torch.bfloat16)), "initial_state must be float32"),
+        (dict(initial_state=torch.randn(2, 2, 8, 4, device="meta")), "initial_state must be on cpu"),
+    ],
+)
+def test_bad_input_names_the_argument(change, match):
+    args = dict(q=torch.randn(2, 5, 2, 8), g=-torch.rand(2, 5, 2, 8), v=torch.randn(2, 5, 2, 4), initial_state=None)
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        chunk_hgrn2(**args)
+
+
+# ---- on the GPU: the Triton path (selected with `-m gpu` on the device machine) ------------------
+
+
+@pytest.mark.gpu
+@given(problems(max_T=600, dims=(16, 32, 64, 128), max_B=2, max_H=2))
+def test_op_matches_naive_loop_cuda_fp32(p):
+    check_against_naive(p, torch.float32, "cuda")
+
+
+@pytest.mark.gpu
+@given(problems(max_T=600, dims=(16, 32, 64, 128), max_B=2, max_H=2))
+def test_op_matches_naive_loop_cuda_bf16(p):
+    check_against_naive(p, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_opcheck_cuda(dtype, with_state):
+    opcheck_both("cuda", dtype, with_state)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, V", [(128, 128), (64, 256), (256, 16)])
+def test_long_sequence_strong_decay_cuda(K, V):
+    """32k tokens with gates down to exp(-30) per step: finite, and equal to the float64 chunked
+    reference (itself checked against the loop above)."""
+    from hgrn2mini.kernels.chunk import chunk_hgrn2_bwd_ref, chunk_hgrn2_fwd_ref
+
+    torch.manual_seed(0)
+    B, T, H = 1, 32768, 1
+    q = torch.randn(B, T, H, K, device="cuda")
+    g = torch.where(torch.rand(B, T, H, K, device="cuda") < 0.5, -30 * torch.rand(B, T, H, K, device="cuda"),
+                    torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device="cuda") + 4))
+    v = torch.randn(B, T, H, V, device="cuda")
+    do = torch.randn_like(v)
+    o_ref, hT_ref = chunk_hgrn2_fwd_ref(q.double(), g.double(), v.double(), None, K**-0.5)
+    grads_ref = chunk_hgrn2_bwd_ref(q.double(), g.double(), v.double(), None, do.double(), None, K**-0.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        leaves = [q.to(dtype).requires_grad_(), g.clone().requires_grad_(), v.to(dtype).requires_grad_()]
+        o, hT = chunk_hgrn2(*leaves)
+        o.backward(do.to(dtype))
+        for name, got, want in [("o", o, o_ref), ("hT", hT, hT_ref)] + list(
+            zip(["dq", "dg", "dv"], [x.grad for x in leaves], grads_ref[:3])
+        ):
+            assert rel_err(got, want) <= TOL[dtype], (dtype, name, rel_err(got, want))
+
+
+@pytest.mark.gpu
+def test_compile_and_export_keep_the_op_cuda():
+    q, g, v, h0 = _opcheck_args("cuda", torch.bfloat16, True)
+
+    def f(q, g, v, h0):
+        o, hT = chunk_hgrn2(q, g, v, h0)
+        return o.float().square().sum() + hT.sum()
+
+    eager = torch.autograd.grad(f(q, g, v, h0), (q, g, v, h0))
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, g, v, h0), (q, g, v, h0))
+    for a, b in zip(compiled, eager):
+        assert rel_err(a, b) <= 1e-3
+
+    class M(torch.nn.Module):
+        def forward(self, q, g, v, h0):
+            return chunk_hgrn2(q, g, v, h0)
+
+    ep = torch.export.export(M(), (q.detach(), g.detach(), v.detach(), h0.detach()))
+    assert "hgrn2mini.chunk_hgrn2" in str(ep.graph)
+    assert rel_err(ep.module()(q, g, v, h0)[0], M()(q, g, v, h0)[0]) == 0
