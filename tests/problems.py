@@ -8,8 +8,8 @@ It draws the hard cases on purpose: T = 1, T not a multiple of the chunk (32 on 
 from dataclasses import dataclass
 
 import torch
+from hypothesis import example
 from hypothesis import strategies as st
-
 from naive import gates
 
 
@@ -57,3 +57,19 @@ def problems(max_T=300, dims=(4, 8, 16, 24, 32), max_B=2, max_H=3):
         with_state=st.booleans(),
         seed=st.integers(0, 2**31 - 1),
     )
+
+
+# Hard cases every run draws, whatever the profile: one step, a chunk boundary +- 1, every
+# sub-block on the slow path, gates at 1 - 2e-9 (logit +20) and at 2e-9 (logit -20), K != V.
+HARD = [
+    Problem(B=1, T=1, H=1, K=16, V=32, gate="logits", shift=-20.0, lower_bound=0.0, with_state=True, seed=1),
+    Problem(B=1, T=65, H=2, K=32, V=16, gate="uniform30", shift=0.0, lower_bound=0.0, with_state=True, seed=2),
+    Problem(B=2, T=63, H=1, K=16, V=16, gate="logits", shift=20.0, lower_bound=0.999, with_state=False, seed=3),
+    Problem(B=1, T=130, H=1, K=32, V=32, gate="logits", shift=-3.0, lower_bound=0.0, with_state=True, seed=4),
+]
+
+
+def with_hard_cases(test):
+    for p in HARD:
+        test = example(p)(test)
+    return test

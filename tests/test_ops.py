@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from naive import naive_recurrence, rel_err
-from problems import problems
+from problems import problems, with_hard_cases
 
 from hgrn2mini.ops import chunk_hgrn2
 
@@ -50,12 +50,14 @@ def check_against_naive(p, dtype, device):
     assert not bad, f"relative errors over {tol} for {dtype}: {bad} ({p})"
 
 
+@with_hard_cases
 @given(problems())
 def test_op_matches_naive_loop_cpu(p):
     check_against_naive(p, torch.float32, "cpu")
 
 
 @settings(max_examples=10)
+@with_hard_cases
 @given(problems(max_T=100))
 def test_op_bf16_cpu(p):
     check_against_naive(p, torch.bfloat16, "cpu")
@@ -143,12 +145,14 @@ def test_bad_input_names_the_argument(change, match):
 
 
 @pytest.mark.gpu
+@with_hard_cases
 @given(problems(max_T=600, dims=(16, 32, 64, 128), max_B=2, max_H=2))
 def test_op_matches_naive_loop_cuda_fp32(p):
     check_against_naive(p, torch.float32, "cuda")
 
 
 @pytest.mark.gpu
+@with_hard_cases
 @given(problems(max_T=600, dims=(16, 32, 64, 128), max_B=2, max_H=2))
 def test_op_matches_naive_loop_cuda_bf16(p):
     check_against_naive(p, torch.bfloat16, "cuda")

@@ -1,0 +1,135 @@
+"""The HGRN2 recurrence op against fla's chunk_gla and causal SDPA, side by side in one run.
+
+    python benchmarks/bench_chunk.py [--out DIR] [--quick]
+
+Inputs as HGRN2 feeds them: q, v bf16 [B, T, H, K]; g fp32 = logsigmoid(randn) (the layer-0 gate);
+fla gets k = 1 - exp(g) in bf16 as a leaf (as shared/anchors measured it, which spares fla the
+key's backward); SDPA gets [B, H, T, D] bf16, causal. Times are triton.testing.do_bench medians in
+ms (CUDA events). Every input set here is at least 96 MB, over the H100's 50 MB L2, so repeated
+calls do not run from cache.
+
+The memory floor of a shape is the fewest bytes the op must move over the measured copy bandwidth
+(read + write): forward reads q, g (fp32), v and writes o; forward+backward adds reading q, g, v, do
+and writing dq, dg (fp32), dv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from hgrn2mini.ops import chunk_hgrn2
+
+SHAPES = [  # (B, T, H, K=V)
+    (8, 2048, 8, 128),
+    (4, 4096, 8, 128),
+    (2, 8192, 8, 128),
+    (1, 16384, 8, 128),
+    (8, 2048, 16, 128),
+    (16, 2048, 6, 128),
+    (8, 2048, 16, 64),
+]
+
+
+def bench(fn, grad_to_none=None):
+    return do_bench(fn, warmup=25, rep=200, return_mode="median", grad_to_none=grad_to_none)
+
+
+def copy_bandwidth():
+    x = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * x.element_size() / (ms * 1e-3)  # bytes/s, read + write
+
+
+def fwd_bwd(fn, leaves):
+    out = fn()
+    do = torch.randn_like(out)
+
+    def step():
+        fn().backward(do)
+
+    return bench(fn), bench(step, grad_to_none=leaves)
+
+
+def run_shape(B, T, H, K, bw, fla, gates="logsigmoid"):
+    V = K
+    dev = "cuda"
+    q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    if gates == "logsigmoid":
+        g = F.logsigmoid(torch.randn(B, T, H, K, device=dev))
+    else:  # every sub-block on the slow path
+        g = -30 * torch.rand(B, T, H, K, device=dev)
+    g.requires_grad_()
+    row = {"B": B, "T": T, "H": H, "K": K, "gates": gates}
+    row["ours_fwd"], row["ours_fwdbwd"] = fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], [q, g, v])
+    if fla is not None and gates == "logsigmoid":
+        k = (1 - g.detach().exp()).to(torch.bfloat16).requires_grad_()
+        gl = g.detach().clone().requires_grad_()
+        row["fla_fwd"], row["fla_fwdbwd"] = fwd_bwd(lambda: fla(q, k, v, gl, scale=K**-0.5)[0], [q, k, v, gl])
+    if gates == "logsigmoid":
+        qs, ks, vs = (torch.randn(B, H, T, K, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        row["sdpa_fwd"], row["sdpa_fwdbwd"] = fwd_bwd(
+            lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), [qs, ks, vs]
+        )
+    n = B * T * H
+    fwd_bytes = n * (K * 2 + K * 4 + V * 2 + V * 2)
+    bwd_bytes = n * (K * 2 + K * 4 + V * 2 + V * 2) + n * (K * 2 + K * 4 + V * 2)
+    row["floor_fwd"] = fwd_bytes / bw * 1e3
+    row["floor_fwdbwd"] = (fwd_bytes + bwd_bytes) / bw * 1e3
+    row["ns_per_token_fwdbwd"] = row["ours_fwdbwd"] * 1e6 / (B * T)
+    return row
+
+
+def table(rows, bw):
+    head = (
+        "| B, T, H, K | gates | ours fwd | ours fwd+bwd | fla fwd | fla fwd+bwd | fla / ours (f+b) "
+        "| SDPA fwd | SDPA f+b | floor fwd | floor f+b | ours f+b / floor |"
+    )
+    lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); times in ms, medians", "", head]
+    lines.append("|" + "|".join(["---"] * 12) + "|")
+    f = lambda r, k: f"{r[k]:.3f}" if k in r else "-"
+    for r in rows:
+        ratio = f"{r['fla_fwdbwd'] / r['ours_fwdbwd']:.2f}x" if "fla_fwdbwd" in r else "-"
+        lines.append(
+            f"| {r['B']}, {r['T']}, {r['H']}, {r['K']} | {r['gates']} | {f(r, 'ours_fwd')} | {f(r, 'ours_fwdbwd')} "
+            f"| {f(r, 'fla_fwd')} | {f(r, 'fla_fwdbwd')} | {ratio} | {f(r, 'sdpa_fwd')} | {f(r, 'sdpa_fwdbwd')} "
+            f"| {f(r, 'floor_fwd')} | {f(r, 'floor_fwdbwd')} | {r['ours_fwdbwd'] / r['floor_fwdbwd']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_chunk.json / .md")
+    ap.add_argument("--quick", action="store_true", help="only the first shape")
+    args = ap.parse_args()
+    try:
+        from fla.ops.gla import chunk_gla as fla
+    except ImportError:
+        fla = None
+    print(torch.__version__, torch.cuda.get_device_name(), "fla:", fla is not None, flush=True)
+    bw = copy_bandwidth()
+    rows = []
+    for shape in SHAPES[:1] if args.quick else SHAPES:
+        rows.append(run_shape(*shape, bw, fla))
+        print(rows[-1], flush=True)
+    rows.append(run_shape(*SHAPES[0], bw, fla, gates="uniform30"))
+    md = table(rows, bw)
+    print(md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_chunk.json"), "w") as fh:
+            json.dump({"copy_Bps": bw, "rows": rows, "torch": torch.__version__}, fh, indent=1)
+        with open(os.path.join(args.out, "bench_chunk.md"), "w") as fh:
+            fh.write(md + "\n")
+
+
+if __name__ == "__main__":
+    main()
