@@ -331,6 +331,13 @@ class CausalLMOutput(NamedTuple):
     state: torch.Tensor | None  # [L, B, H, K, V] fp32, when state was given or return_state=True
 
 
+# torch.export.save must name the output's type to serialize it; a namedtuple needs registering
+# (private API, the one the error message asks for; feature-detected).
+_register_namedtuple = getattr(torch.utils._pytree, "_register_namedtuple", None)
+if _register_namedtuple is not None:
+    _register_namedtuple(CausalLMOutput, serialized_type_name="hgrn2mini.model.CausalLMOutput")
+
+
 class HGRN2ForCausalLM(nn.Module):
     """HGRN2 language model: logits, loss when labels are given, recurrent state in and out."""
 
