@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             print(piece, end="", flush=True)
     except ValueError as e:
         p.error(str(e))
-    print(f"\n[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    print(flush=True)
+    print(f"[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return 0
 
 
