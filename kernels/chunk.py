@@ -164,8 +164,11 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #             _state_kernel       grid (V/BV, B*H)       reads q, g, v, A    writes o, final state
 #   backward  _state_kernel x2    forward: chunk-start states (q's dtype)
 #                                 reverse: gradients of chunk-end states, and d initial state (fp32)
-#             _bwd_kernel         grid (chunks, B*H)     reads q, g, v, do, states, dstates
-#                                                        writes dq, dg (fp32), dv; recomputes A
+#             _intra_kernel       A again (recomputed, not kept from the forward)
+#             _dv_kernel          grid (chunks, B*H, V/BV)   reads g, do, A, dstates      writes dv
+#             _dqg_kernel         grid (chunks, B*H, K/BK)   reads q, g, v, do, states, dstates
+#                                                            writes dq, dg (fp32)
+#   dq and dg split over key channels (every term is separable in k) to keep the live tiles few.
 #
 # Only `_state_kernel` walks the sequence; it keeps the [K, BV] state in fp32 registers and does
 # three matmuls a chunk. Everything else is parallel over chunks. The key k = -expm1(g) and the
@@ -195,9 +198,17 @@ _DIMS = (16, 32, 64, 128, 256)
 
 
 def triton_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """The Triton path: CUDA tensors, T > 0, head dims K, V in {16, 32, 64, 128, 256}."""
+    """The Triton path: CUDA bf16 (fp32 up to K = 128) tensors, T > 0, K and V in {16, ..., 256}."""
+    # fp16 takes the PyTorch path: with fp32 matmul operands (fp16 has too little range for the
+    # sub-block factors) K = 128, V = 16 gave wrong outputs on the H100 with Triton 3.6. So does
+    # fp32 with K = 256, whose fp32 tiles overflow shared memory.
     return (
-        triton is not None and q.is_cuda and q.shape[1] > 0 and q.shape[-1] in _DIMS and v.shape[-1] in _DIMS
+        triton is not None
+        and q.is_cuda
+        and (q.dtype == torch.bfloat16 or (q.dtype == torch.float32 and q.shape[-1] <= 128))
+        and q.shape[1] > 0
+        and q.shape[-1] in _DIMS
+        and v.shape[-1] in _DIMS
     )
 
 
@@ -363,39 +374,60 @@ if triton is not None:
         tl.store(hT + bh * K * V + state_off, h)
 
     @triton.jit
-    def _bwd_kernel(
-        q, g, v, do,  # [B, T, H, K] / [B, T, H, V]
-        states, dstates,  # [B*H, NT, K, V]: chunk-start states; gradients of chunk-end states
-        dq, dg, dv,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32, [B, T, H, V]
-        T, H, scale,
-        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
-        DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
+    def _dv_kernel(
+        g, do, A, dstates, dv,  # g [B, T, H, K]; do, dv [B, T, H, V]; A fp32; dstates [B*H, NT, K, V]
+        T, H,
+        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+        DT: tl.constexpr, PREC: tl.constexpr,
     ):
-        n, bh = tl.program_id(0), tl.program_id(1)
+        """dv = (k exp(b_last - b)) @ dh_end + A^T @ do, one [BT, BV] block."""
+        n, bh, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
         t0 = n * BT
         rows = tl.arange(0, BT)
         kk = tl.arange(0, K)
+        cv = iv * BV + tl.arange(0, BV)
         offk = (bh // H) * T * H * K + (bh % H) * K
         offv = (bh // H) * T * H * V + (bh % H) * V
-        qc = _load_chunk(q + offk, t0, T, H * K, rows, K).to(tl.float32)
         gc = _load_chunk(g + offk, t0, T, H * K, rows, K)
         b = tl.cumsum(gc, 0)
-        b_last = _row(b, rows, BT - 1)
+        ke = -_expm1(gc) * tl.exp(_row(b, rows, BT - 1)[None, :] - b)
+        Ac = tl.load(A + ((bh * NT + n) * BT + rows[:, None]) * BT + rows[None, :])
+        doc = _load_chunk(do + offv + iv * BV, t0, T, H * V, rows, BV)
+        dh_end = tl.load(dstates + (bh * NT + n) * K * V + kk[:, None] * V + cv[None, :])
+        dvc = tl.dot(ke.to(DT), dh_end.to(DT), input_precision=PREC)
+        dvc += tl.dot(tl.trans(Ac.to(DT)), doc.to(DT), input_precision=PREC)
+        m = (t0 + rows)[:, None] < T
+        tl.store(dv + offv + (t0 + rows)[:, None] * (H * V) + cv[None, :], dvc.to(dv.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _dqg_kernel(
+        q, g, v, do,  # [B, T, H, K] / [B, T, H, V]
+        states, dstates,  # [B*H, NT, K, V]: chunk-start states; gradients of chunk-end states
+        dq, dg,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32
+        T, H, scale,
+        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+        BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
+    ):
+        """dq and dg for one [BT, BK] block: every term is separable over the key channels."""
+        n, bh, ik = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        NT = tl.cdiv(T, BT)
+        t0 = n * BT
+        rows = tl.arange(0, BT)
+        kk = ik * BK + tl.arange(0, BK)
+        offk = (bh // H) * T * H * K + (bh % H) * K + ik * BK
+        offv = (bh // H) * T * H * V + (bh % H) * V
+        qc = _load_chunk(q + offk, t0, T, H * K, rows, BK).to(tl.float32)
+        gc = _load_chunk(g + offk, t0, T, H * K, rows, BK)
+        b = tl.cumsum(gc, 0)
         k = -_expm1(gc)
-        qs = qc * scale
-        eb = tl.exp(b)
-        ke = k * tl.exp(b_last[None, :] - b)  # key carried to the chunk end
-        slow = _is_slow(b, rows, BT, BC, FAST_RANGE)
-        Ac, _, _ = _intra(qs, k, b, qc, rows, slow, DT, PREC, BT, BC, True, False)
 
         dA = tl.zeros([BT, BT], dtype=tl.float32)
-        dq_h = tl.zeros([BT, K], dtype=tl.float32)  # do @ h_start^T
-        dk_h = tl.zeros([BT, K], dtype=tl.float32)  # v @ dh_end^T
-        outside = tl.zeros([K], dtype=tl.float32)  # rowsum(dh_end * h_start)
+        dq_h = tl.zeros([BT, BK], dtype=tl.float32)  # do @ h_start^T
+        dk_h = tl.zeros([BT, BK], dtype=tl.float32)  # v @ dh_end^T
+        outside = tl.zeros([BK], dtype=tl.float32)  # rowsum(dh_end * h_start)
         st = states + (bh * NT + n) * K * V
         dst = dstates + (bh * NT + n) * K * V
-        m = (t0 + rows)[:, None] < T
         for iv in range(0, V // BV):
             cv = iv * BV + tl.arange(0, BV)
             sv = kk[:, None] * V + cv[None, :]
@@ -407,17 +439,16 @@ if triton is not None:
             dq_h += tl.dot(doc, tl.trans(h_start.to(DT)), input_precision=PREC)
             dk_h += tl.dot(vc, tl.trans(dh_end.to(DT)), input_precision=PREC)
             outside += tl.sum(dh_end.to(tl.float32) * h_start.to(tl.float32), 1)
-            dvc = tl.dot(ke.to(DT), dh_end.to(DT), input_precision=PREC)
-            dvc += tl.dot(tl.trans(Ac.to(DT)), doc, input_precision=PREC)
-            dv_ptr = dv + offv + (t0 + rows)[:, None] * (H * V) + cv[None, :]
-            tl.store(dv_ptr, dvc.to(dv.dtype.element_ty), mask=m)
 
         # Pairs j < i through _intra; the diagonal pairs (decay exp(0) = 1) on their own, so that
         # dg below never cancels them (see chunk_hgrn2_bwd_ref).
         diag = tl.sum(tl.where(rows[:, None] == rows[None, :], dA, 0.0), 1)
         dA = tl.where(rows[:, None] > rows[None, :], dA, 0.0)
+        slow = _is_slow(b, rows, BT, BC, FAST_RANGE)
+        qs = qc * scale
         _, dq_in, dk_in = _intra(qs, k, b, dA, rows, slow, DT, PREC, BT, BC, False, True)
-        dq_h = scale * eb * dq_h
+        b_last = _row(b, rows, BT - 1)
+        dq_h = scale * tl.exp(b) * dq_h
         dk_h = tl.exp(b_last[None, :] - b) * dk_h
         dqc = dq_h + scale * (dq_in + diag[:, None] * k)
         dkc = dk_h + dk_in + diag[:, None] * qs
@@ -427,7 +458,8 @@ if triton is not None:
         keys_before = tl.dot(before, k * dk_h, input_precision="ieee")
         later = tl.cumsum(qc * (dq_h + scale * dq_in) - k * dk_in, 0, reverse=True)
         dgc = tl.exp(b_last)[None, :] * outside[None, :] + keys_before + later - tl.exp(gc) * dkc
-        ptr = offk + (t0 + rows)[:, None] * (H * K) + kk[None, :]
+        m = (t0 + rows)[:, None] < T
+        ptr = offk + (t0 + rows)[:, None] * (H * K) + tl.arange(0, BK)[None, :]
         tl.store(dq + ptr, dqc.to(dq.dtype.element_ty), mask=m)
         tl.store(dg + ptr, dgc, mask=m)
 
@@ -443,16 +475,41 @@ def _launch(kernel):
 
 
 def _dot_config(dtype: torch.dtype):
-    """Matmul operand dtype and precision: bf16 operands for bf16 inputs; fp32 operands otherwise
-    (fp16 has too little range for the sub-block factors), with 3xTF32 for fp32 inputs so the
-    fp32 path keeps fp32 accuracy."""
+    """Matmul operand dtype and precision: bf16 operands for bf16 inputs; fp32 FMA matmuls for fp32
+    inputs, the accuracy path (3xTF32 gave wrong results at K = 128, V = 16 on the H100 with
+    Triton 3.6)."""
     if dtype == torch.bfloat16:
         return tl.bfloat16, "tf32"
-    return tl.float32, ("tf32x3" if dtype == torch.float32 else "tf32")
+    return tl.float32, "ieee"
 
 
-def _bv(V: int) -> int:
-    return min(V, 64)
+# Launch configuration, fixed rather than autotuned (autotune inside a triton_op fights compile).
+CONFIG = {
+    "state_bv": 64, "state_warps": 8, "intra_warps": 4,
+    "dv_bv": 64, "dv_warps": 4,
+    "dqg_bk": 64, "dqg_bv": 64, "dqg_warps": 4, "dqg_stages": 1,
+}
+
+
+def _bv(V: int, key: str = "state_bv") -> int:
+    return min(V, CONFIG[key])
+
+
+def _intra_A(q, g, scale, DT, PREC):
+    B, T, H, K = q.shape
+    NT = triton.cdiv(T, _BT)
+    A = torch.empty(B * H, NT, _BT, _BT, device=q.device, dtype=torch.float32)
+    _launch(_intra_kernel)[(NT, B * H)](
+        q, g, A, T, H, scale, K=K, BT=_BT, BC=_BC, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE,
+        num_warps=CONFIG["intra_warps"], num_stages=1,
+    )
+    return A
+
+
+def _state_stages(q) -> int:
+    # Each pipeline stage buffers q and g chunks ([64, K], g in fp32): three stages overflow the
+    # 227 KB of shared memory for fp32 inputs with K >= 128 and for K = 256.
+    return 3 if q.shape[-1] * q.element_size() <= 256 else 1
 
 
 def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
@@ -460,12 +517,8 @@ def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
     B, T, H, K = q.shape
     V = v.shape[-1]
     q, g, v = q.contiguous(), g.contiguous(), v.contiguous()
-    NT = triton.cdiv(T, _BT)
     DT, PREC = _dot_config(q.dtype)
-    A = torch.empty(B * H, NT, _BT, _BT, device=q.device, dtype=torch.float32)
-    _launch(_intra_kernel)[(NT, B * H)](
-        q, g, A, T, H, scale, K=K, BT=_BT, BC=_BC, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, num_warps=4
-    )
+    A = _intra_A(q, g, scale, DT, PREC)
     o = torch.empty_like(v)
     hT = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
     h0 = initial_state.contiguous() if initial_state is not None else hT
@@ -473,7 +526,8 @@ def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
     _launch(_state_kernel)[(V // BV, B * H)](
         q, g, v, A, o, h0, hT, hT, T, H, scale,
         K=K, V=V, BT=_BT, BV=BV, DT=DT, PREC=PREC,
-        REVERSE=False, HAS_H0=initial_state is not None, STORE_O=True, STORE_STATES=False, num_warps=4,
+        REVERSE=False, HAS_H0=initial_state is not None, STORE_O=True, STORE_STATES=False,
+        num_warps=CONFIG["state_warps"], num_stages=_state_stages(q),
     )
     return o, hT
 
@@ -490,7 +544,10 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale):
     dstates = torch.empty_like(states)
     hT = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
     dh0 = torch.empty_like(hT)
-    common = dict(K=K, V=V, BT=_BT, BV=BV, DT=DT, PREC=PREC, STORE_O=False, STORE_STATES=True, num_warps=4)
+    common = dict(
+        K=K, V=V, BT=_BT, BV=BV, DT=DT, PREC=PREC, STORE_O=False, STORE_STATES=True,
+        num_warps=CONFIG["state_warps"], num_stages=_state_stages(q),
+    )
     h0 = initial_state.contiguous() if initial_state is not None else hT
     _launch(_state_kernel)[(V // BV, B * H)](
         q, g, v, hT, v, h0, states, hT, T, H, scale,
@@ -501,11 +558,20 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale):
         q, g, do, hT, do, dht_, dstates, dh0, T, H, scale,
         REVERSE=True, HAS_H0=dht is not None, **common,
     )
+    A = _intra_A(q, g, scale, DT, PREC)
+    dv = torch.empty_like(v)
+    BVd = _bv(V, "dv_bv")
+    _launch(_dv_kernel)[(NT, B * H, V // BVd)](
+        g, do, A, dstates, dv, T, H, K=K, V=V, BT=_BT, BV=BVd, DT=DT, PREC=PREC, num_warps=CONFIG["dv_warps"]
+    )
     dq = torch.empty_like(q)
     dg = torch.empty_like(g)
-    dv = torch.empty_like(v)
-    _launch(_bwd_kernel)[(NT, B * H)](
-        q, g, v, do, states, dstates, dq, dg, dv, T, H, scale,
-        K=K, V=V, BT=_BT, BC=_BC, BV=BV, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, num_warps=8,
+    # State tiles [BK, BV] with BK < BV faulted (illegal address) or gave wrong bf16 results on the
+    # H100 with Triton 3.6, so BV <= BK; K is split only from 128 up (K = 128 in halves is checked).
+    BK = K if K <= 64 else CONFIG["dqg_bk"]
+    _launch(_dqg_kernel)[(NT, B * H, K // BK)](
+        q, g, v, do, states, dstates, dq, dg, T, H, scale,
+        K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=min(_bv(V, "dqg_bv"), BK), DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE,
+        num_warps=CONFIG["dqg_warps"], num_stages=CONFIG["dqg_stages"],
     )
     return dq, dg, dv, dh0
