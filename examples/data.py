@@ -32,6 +32,7 @@ from hgrn2mini.checkpoint import atomic_write, atomic_write_bytes
 
 EOT = "<|endoftext|>"  # separates documents in the packed stream; the only special token
 TEXT_SUFFIXES = (".txt", ".jsonl")  # what a --data folder is searched for
+CACHE_FORMAT = "2"  # part of every cache key: bump when the same inputs would tokenize differently
 
 
 class DataError(ValueError):
@@ -191,6 +192,14 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    return _specials_as_text(tok)
+
+
+def _specials_as_text(tok: Tokenizer) -> Tokenizer:
+    """A document that contains the string "<|endoftext|>" (a tokenizer's source, say) is encoded
+    as the text it is; by default tokenizers would turn it into the separator, and decode would
+    drop it. The setting is not stored in tokenizer.json, so every load sets it again."""
+    tok.encode_special_tokens = True
     return tok
 
 
@@ -204,7 +213,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise DataError(f"--tokenizer: {path} is not a tokenizers JSON file: {e}") from None
     if tok.token_to_id(EOT) is None:
         raise DataError(f"--tokenizer: {path} has no {EOT!r} token, which separates documents")
-    return tok
+    return _specials_as_text(tok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +279,7 @@ def prepare(
     else:
         tok_path = cache / f"tokenizer-{_sha(_docs_hash(train_docs), str(vocab_size), EOT)}.json"
         if tok_path.is_file():
-            tok = Tokenizer.from_file(str(tok_path))
+            tok = load_tokenizer(tok_path)
         else:
             n_chars = sum(len(d.text) for d in train_docs)
             log(f"training a {vocab_size}-token byte-level BPE on {len(train_docs)} documents "
@@ -278,7 +287,7 @@ def prepare(
             tok = train_tokenizer([d.text for d in train_docs], vocab_size)
             atomic_write_bytes(tok_path, tok.to_str().encode())
     eot = tok.token_to_id(EOT)
-    key = _sha(_docs_hash(train_docs), _docs_hash(val_docs), tok.to_str())
+    key = _sha(CACHE_FORMAT, _docs_hash(train_docs), _docs_hash(val_docs), tok.to_str())
     streams = {}
     for name, split in (("train", train_docs), ("val", val_docs)):
         path = cache / f"tokens-{key}-{name}.npy"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -46,8 +47,8 @@ from hgrn2mini.checkpoint import atomic_write_bytes  # noqa: E402
 # Training defaults per model preset (the model's sizes are HGRN2Config.from_preset's). Every one
 # can be overridden on the command line. tiny: measured to finish on a 2-core CPU in < 10 min.
 PRESETS = {
-    "tiny": dict(vocab_size=4096, seq_len=256, batch_size=16, micro_batch_size=16, steps=300, lr=3e-3,
-                 warmup=30, eval_every=100, eval_tokens=32768, ckpt_every=100, log_every=1),
+    "tiny": dict(vocab_size=4096, seq_len=256, batch_size=8, micro_batch_size=4, steps=300, lr=5e-3,
+                 warmup=30, eval_every=100, eval_tokens=16384, ckpt_every=100, log_every=1),
     "small": dict(vocab_size=32000, seq_len=1024, batch_size=128, micro_batch_size=16, steps=10000, lr=1e-3,
                   warmup=500, eval_every=500, eval_tokens=1 << 20, ckpt_every=1000, log_every=10),
     "374M": dict(vocab_size=32000, seq_len=2048, batch_size=256, micro_batch_size=8, steps=20000, lr=6e-4,
@@ -281,6 +282,38 @@ class Metrics:
 # ---------------------------------------------------------------------------------------------
 
 
+def train_step(train_model, model, opt, rows: np.ndarray, args, accum: int, autocast, rt: Dist):
+    """One optimizer step on this rank's rows of the global batch; returns (mean loss, grad norm) as
+    device tensors, without waiting for the device."""
+    x_all = torch.from_numpy(rows.astype(np.int64))
+    if rt.device.type == "cuda":
+        x_all = x_all.pin_memory()  # so that the copies below overlap the previous step's work
+    loss_sum = torch.zeros((), device=rt.device)
+    for i in range(accum):
+        x = x_all[i * args.micro_batch_size : (i + 1) * args.micro_batch_size].to(rt.device, non_blocking=True)
+        # DDP all-reduces the gradients on the last micro-batch only.
+        sync = rt.world == 1 or i == accum - 1
+        with contextlib.nullcontext() if sync else train_model.no_sync():
+            with autocast:
+                loss = train_model(x, labels=x).loss / accum
+            loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def gather_interval(pending: list, stop_here: bool, rt: Dist) -> tuple[list[float], list[float], bool]:
+    """The global mean loss of each pending step, its gradient norm (the same on every rank, as the
+    gradients were all-reduced) and whether any rank was asked to stop: one collective, one sync."""
+    flag = torch.tensor([float(stop_here)], device=rt.device)
+    packed = rt.all_reduce_sum(torch.cat([torch.stack([p[1] for p in pending]), flag]))
+    losses = (packed[:-1] / rt.world).tolist()
+    grad_norms = torch.stack([p[2] for p in pending]).tolist()
+    return losses, grad_norms, packed[-1].item() > 0
+
+
 def prepare_data(args, rt: Dist, tokenizer: str | None, log) -> data.TokenData:
     """Rank 0 tokenizes (and trains the tokenizer); the other ranks then read its cache."""
     kwargs = dict(cache_dir=args.cache_dir, vocab_size=args.vocab_size, tokenizer=tokenizer,
@@ -326,6 +359,8 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
 
     # -- resume: what the checkpoint says ------------------------------------------------------
     ckpt, state = None, None
+    if not args.resume and (out / checkpoints.LATEST).is_file():
+        log(f"warning: {out} holds a checkpoint that this run will replace; --resume continues it instead")
     if args.resume:
         ckpt = checkpoints.latest(out)
         if ckpt is None:
@@ -391,7 +426,8 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
         train_model = torch.compile(model)  # the first step pays the compilation
     if rt.world > 1:
         # Compiled inside, DDP outside: DDP's bucketed all-reduce overlaps the compiled backward.
-        train_model = nn.parallel.DistributedDataParallel(train_model)
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
 
     metrics = Metrics(out / "metrics.jsonl", rt.main, start if state else None)
     if rt.main and state is None:
@@ -417,60 +453,47 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
     # -- the loop ------------------------------------------------------------------------------------
     tokens_per_step = args.batch_size * args.seq_len
     bar = tqdm(total=args.steps, initial=start, disable=not rt.main, unit="step", dynamic_ncols=True)
-    pending = []  # (step, loss, grad_norm, lr) kept on the device until the next log write
-    val_loss, stopped_by = None, None
+    pending = []  # (step, loss, grad_norm, lr), the tensors left on the device until the next write
+    val_loss, stopped_by, done = None, None, start
     t_last, step_last = time.perf_counter(), start
     with StopSignal() as stop:
         for step in range(start, args.steps):
             rows = data.shard(batches.global_batch(step), rt.rank, rt.world)  # [B / world, T]
-            x_all = torch.from_numpy(rows.astype(np.int64))
-            loss_sum = torch.zeros((), device=rt.device)
-            for i in range(accum):
-                x = x_all[i * args.micro_batch_size : (i + 1) * args.micro_batch_size].to(rt.device, non_blocking=True)
-                # Gradients are all-reduced on the last micro-batch only.
-                sync = rt.world == 1 or i == accum - 1
-                with (contextlib.nullcontext() if sync else train_model.no_sync()):
-                    with autocast:
-                        loss = train_model(x, labels=x).loss / accum
-                    loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
             lr = sched.get_last_lr()[0]
-            opt.step()
+            loss, grad_norm = train_step(train_model, model, opt, rows, args, accum, autocast, rt)
             sched.step()
-            opt.zero_grad(set_to_none=True)
             done = step + 1
             bar.update(1)
-            pending.append((done, loss_sum, grad_norm, lr))
+            pending.append((done, loss, grad_norm, lr))
 
             last = done == args.steps
-            if done % args.log_every == 0 or last or done % args.eval_every == 0 or done % args.ckpt_every == 0:
-                # One collective for the losses of the interval and the stop flag of every rank.
-                flags = torch.tensor([float(stop.signum is not None)], device=rt.device)
-                packed = rt.all_reduce_sum(torch.cat([torch.stack([p[1] for p in pending]), flags]))
-                losses = (packed[:-1] / rt.world).tolist()
-                stop_requested = packed[-1].item() > 0
-                now = time.perf_counter()
-                tok_s = tokens_per_step * (done - step_last) / (now - t_last)
-                step_last = done
-                for (s, _, gn, lr_s), loss_s in zip(pending, losses):
-                    metrics.write(kind="train", step=s, loss=loss_s, lr=lr_s, grad_norm=gn.item(),
-                                  tokens=s * tokens_per_step, epoch=round(batches.epochs(s), 4),
-                                  tok_per_s=round(tok_s), elapsed_s=round(now - t_start, 2))
-                pending.clear()
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                if done % args.eval_every == 0 or last:
-                    val_loss = evaluate(model, val_seqs, args.micro_batch_size, rt, autocast)
-                    metrics.write(kind="eval", step=done, val_loss=val_loss, val_ppl=math.exp(val_loss))
-                    log(f"step {done}: validation loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
-                if stop_requested or done == args.stop_at_step:
-                    stopped_by = (signal.Signals(stop.signum).name if stop.signum
-                                  else "a signal to another rank" if stop_requested else "--stop-at-step")
-                    save(done)
-                    break
-                if done % args.ckpt_every == 0 or last:
-                    save(done)
-                t_last = time.perf_counter()  # evaluation and checkpoints do not count as training time
+            if not (last or done == args.stop_at_step
+                    or any(done % every == 0 for every in (args.log_every, args.eval_every, args.ckpt_every))):
+                continue
+            # The one host sync of the interval: losses, gradient norms and every rank's stop flag.
+            losses, grad_norms, stop_requested = gather_interval(pending, stop.signum is not None, rt)
+            now = time.perf_counter()
+            tok_s = tokens_per_step * (done - step_last) / (now - t_last)
+            # Peak memory on this rank so far (CUDA): what decides the largest micro-batch.
+            mem = {"peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3)} if rt.device.type == "cuda" else {}
+            for (s, _, _, lr_s), loss_s, gn in zip(pending, losses, grad_norms):
+                metrics.write(kind="train", step=s, loss=loss_s, lr=lr_s, grad_norm=gn, tokens=s * tokens_per_step,
+                              epoch=round(batches.epochs(s), 4), tok_per_s=round(tok_s),
+                              elapsed_s=round(now - t_start, 2), **mem)
+            pending.clear()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            if done % args.eval_every == 0 or last:
+                val_loss = evaluate(model, val_seqs, args.micro_batch_size, rt, autocast)
+                metrics.write(kind="eval", step=done, val_loss=val_loss, val_ppl=math.exp(val_loss))
+                log(f"step {done}: validation loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+            if stop_requested or done == args.stop_at_step:
+                stopped_by = (signal.Signals(stop.signum).name if stop.signum
+                              else "a signal to another rank" if stop_requested else "--stop-at-step")
+                save(done)
+                break
+            if done % args.ckpt_every == 0 or last:
+                save(done)
+            t_last, step_last = time.perf_counter(), done  # evaluation and checkpoints are not training time
     bar.close()
 
     if stopped_by is not None:
@@ -501,8 +524,6 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
 
 def ranks_agree(model: nn.Module, rt: Dist) -> bool:
     """True when every rank holds bit-identical weights (DDP keeps them so; this checks it)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
