@@ -50,6 +50,9 @@ def save(out_dir: str | os.PathLike, step: int, model, tokenizer_json: str, stat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
+    final = out / name
+    if latest(out) == final:  # saved already: the step number says the state is the same
+        return final
     for stale in out.glob(".tmp-step-*"):  # left by a process killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out / f".tmp-{name}"
@@ -58,12 +61,7 @@ def save(out_dir: str | os.PathLike, step: int, model, tokenizer_json: str, stat
     atomic_write_bytes(tmp / TOKENIZER, tokenizer_json.encode())
     atomic_write(tmp / STATE, lambda path: torch.save(state, path))
     _fsync_tree(tmp)
-    final = out / name
-    previous = latest(out)
-    if final.exists():  # the same step saved again (a stop signal right after a periodic save)
-        if previous == final:
-            shutil.rmtree(tmp)
-            return final
+    if final.exists():  # renamed by a process killed before it could move `latest`
         shutil.rmtree(final)
     os.rename(tmp, final)
     atomic_write_bytes(out / LATEST, (name + "\n").encode())
