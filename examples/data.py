@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,9 +364,3 @@ def unigram_perplexity(train: np.ndarray, targets: np.ndarray, vocab_size: int) 
     counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size).astype(np.float64)
     logp = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
     return float(np.exp(-logp[np.asarray(targets, dtype=np.int64)].mean()))
-
-
-if __name__ == "__main__":  # python examples/data.py [paths...]: prepare and print statistics
-    td = prepare(sys.argv[1:] or None, cache_dir=Path.home() / ".cache" / "hgrn2mini", vocab_size=4096)
-    print(f"train: {len(td.train)} tokens, {td.n_train_docs} documents")
-    print(f"val:   {len(td.val)} tokens, {td.n_val_docs} documents")
