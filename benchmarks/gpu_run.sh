@@ -13,13 +13,13 @@ rm -rf /tmp/shim && mkdir -p /tmp/shim/hgrn2mini
 for f in "$PWD"/hgrn2mini/*.py; do ln -s "$f" /tmp/shim/hgrn2mini/; done
 ln -s "$PWD/kernels" /tmp/shim/hgrn2mini/kernels
 export PYTHONPATH="/tmp/shim:${PYTHONPATH:-}"
-python3 -c "import torch, triton, hgrn2mini; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+(cd /tmp && python3 -c "import torch, triton, hgrn2mini; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())")
 what=${1:-all}
 if [[ $what == bench || $what == all ]]; then
   python3 benchmarks/bench_chunk.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 fi
 if [[ $what == tests || $what == all ]]; then
   export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
-  python3 -m pytest -q -m gpu tests/ -p no:warnings --durations=10 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-  python3 -m pytest -q tests/test_kernels.py -p no:warnings -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu_tests.log"
+  python3 -P -m pytest -q -m gpu tests/ -p no:warnings --durations=10 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+  python3 -P -m pytest -q tests/test_kernels.py -p no:warnings -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu_tests.log"
 fi

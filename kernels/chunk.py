@@ -487,7 +487,7 @@ def _dot_config(dtype: torch.dtype):
 CONFIG = {
     "state_bv": 64, "state_warps": 8, "intra_warps": 4,
     "dv_bv": 64, "dv_warps": 4,
-    "dqg_bk": 64, "dqg_bv": 64, "dqg_warps": 4, "dqg_stages": 1,
+    "dqg_bk": 64, "dqg_bv": 64, "dqg_warps": 8, "dqg_stages": 1,
 }
 
 
