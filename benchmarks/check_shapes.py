@@ -8,8 +8,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from hgrn2mini.kernels.chunk import chunk_hgrn2_bwd_ref, chunk_hgrn2_fwd_ref
+
 from hgrn2mini.ops import chunk_hgrn2
 
 K, V, dt = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])

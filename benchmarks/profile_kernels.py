@@ -8,9 +8,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
-
 from hgrn2mini.kernels import chunk as C
+from torch.profiler import ProfilerActivity, profile
 
 B, T, H, K = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 2048, 8, 128)
 V = K

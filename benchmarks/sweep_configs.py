@@ -5,9 +5,9 @@
 
 import torch
 import torch.nn.functional as F
+from hgrn2mini.kernels import chunk as C
 from triton.testing import do_bench
 
-from hgrn2mini.kernels import chunk as C
 from hgrn2mini.ops import chunk_hgrn2
 
 
@@ -33,9 +33,9 @@ for bk, warps in [(32, 4), (64, 4), (32, 8), (64, 8)]:
     g = F.logsigmoid(torch.randn(B, T, H, K, device="cuda")).requires_grad_()
     do = torch.randn_like(q)
 
-    def fwd_bwd():
+    def fwd_bwd(q=q, g=g, v=v, do=do):
         chunk_hgrn2(q, g, v)[0].backward(do)
 
-    fwd = do_bench(lambda: chunk_hgrn2(q, g, v), return_mode="median")
+    fwd = do_bench(lambda q=q, g=g, v=v: chunk_hgrn2(q, g, v), return_mode="median")
     both = do_bench(fwd_bwd, grad_to_none=[q, g, v], return_mode="median")
     print(bk, warps, "fwd ms", fwd, "fwd+bwd ms", both, flush=True)

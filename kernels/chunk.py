@@ -70,7 +70,9 @@ def _pair_decay(b: torch.Tensor) -> torch.Tensor:
     return diff.masked_fill(~causal[:, :, None], float("-inf")).exp()
 
 
-def _prepare(q, g, v, scale, C):
+def _prepare(q, g, v, initial_state, scale, C):
+    B, _, H, K = q.shape
+    h0 = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
     qc, gc, vc = (_chunked(x.float(), C) for x in (q, g, v))
     b = gc.cumsum(-2)  # [B, H, N, C, K]
     b_last = b[..., -1:, :]  # [B, H, N, 1, K]
@@ -79,7 +81,7 @@ def _prepare(q, g, v, scale, C):
     E = _pair_decay(b)  # [B, H, N, C, C, K]
     A = torch.einsum("...ik,...jk,...ijk->...ij", qs, k, E)  # [B, H, N, C, C]
     ke = k * torch.exp(b_last - b)  # key carried to the chunk end
-    return qc, gc, vc, b, b_last, k, qs, E, A, ke
+    return h0, qc, gc, vc, b, b_last, k, qs, E, A, ke
 
 
 def _chunk_states(h0, b_last, ke, vc):
@@ -95,13 +97,10 @@ def _chunk_states(h0, b_last, ke, vc):
 
 def chunk_hgrn2_fwd_ref(q, g, v, initial_state, scale, chunk_size=CHUNK):
     """o [B, T, H, V] in v's dtype and the final state [B, H, K, V] fp32."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = chunk_size
-    qc, gc, vc, b, b_last, k, qs, E, A, ke = _prepare(q, g, v, scale, C)
-    h0 = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
+    B, T, H, _ = q.shape
+    h0, qc, gc, vc, b, b_last, k, qs, E, A, ke = _prepare(q, g, v, initial_state, scale, chunk_size)
     if T == 0:
-        return v.new_empty(B, 0, H, V), h0.clone()
+        return v.new_empty(B, 0, H, v.shape[-1]), h0.clone()
     starts, h_final = _chunk_states(h0, b_last, ke, vc)
     o = (qs * b.exp()) @ starts + A @ vc  # [B, H, N, C, V]
     return _unchunked(o, T).to(v.dtype), h_final
@@ -109,16 +108,13 @@ def chunk_hgrn2_fwd_ref(q, g, v, initial_state, scale, chunk_size=CHUNK):
 
 def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK):
     """Gradients (dq, dg, dv, dh0) of chunk_hgrn2; dht may be None (final state unused)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = chunk_size
-    qc, gc, vc, b, b_last, k, qs, E, A, ke = _prepare(q, g, v, scale, C)
-    h0 = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
+    B, T, H, _ = q.shape
+    h0, qc, gc, vc, b, b_last, k, qs, E, A, ke = _prepare(q, g, v, initial_state, scale, chunk_size)
     if T == 0:
         dh0 = dht.float().clone() if dht is not None else torch.zeros_like(h0)
         return torch.zeros_like(q), torch.zeros_like(g), torch.zeros_like(v), dh0
     starts, _ = _chunk_states(h0, b_last, ke, vc)
-    doc = _chunked(do.float(), C)
+    doc = _chunked(do.float(), chunk_size)
     N = doc.shape[2]
 
     # Gradient of each chunk's end state, walking back from the final state's gradient.
