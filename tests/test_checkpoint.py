@@ -300,3 +300,18 @@ def test_atomic_save_file_round_trips(tmp_path):
     assert torch.equal(got["a"], t["a"]) and torch.equal(got["b"], t["b"])
     with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
         assert f.metadata() == {"step": "3"}
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    """Checkpoints are readable by whoever could read a file written with open(): mkstemp's 0600
+    is not kept."""
+    import os
+
+    from hgrn2mini.checkpoint import atomic_write_bytes
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "f.bin", b"abc")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
