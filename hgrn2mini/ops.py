@@ -107,7 +107,6 @@ def chunk_hgrn2(
     Returns:
         o: [B, T, H, V] in v's dtype, and the final state [B, H, K, V] float32.
     """
-    _check(q, g, v, initial_state)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return torch.ops.hgrn2mini.chunk_hgrn2(q, g, v, initial_state, float(scale))
