@@ -220,9 +220,10 @@ class HGRN2Attention(nn.Module):
         self.q_proj = nn.Linear(D, D, bias=False)  # H*K = D
         self.f_proj = nn.Linear(D, D, bias=False)
         self.i_proj = nn.Linear(D, D, bias=False)  # H*V = D
-        # fla builds the layer with norm_eps=config.norm_eps (HGRN2Block), not the layer's 1e-5
-        # default, so checkpoints were trained with it.
-        self.g_norm = RMSNorm(D, config.norm_eps, config.elementwise_affine, dtype=torch.float32)
+        # eps 1e-5, not config.norm_eps: fla stores norm_eps on its g_norm but its forward calls
+        # rms_norm_linear(o, g_norm.weight, ...) without eps, whose default is 1e-5, and that is
+        # what fla's checkpoints were trained with.
+        self.g_norm = RMSNorm(D, 1e-5, config.elementwise_affine, dtype=torch.float32)
         self.o_proj = nn.Linear(D, D, bias=False)
 
     def forward(

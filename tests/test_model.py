@@ -75,8 +75,8 @@ def naive_logits(sd, cfg, ids):
             h = ft[..., None] * h + (1 - ft)[..., None] * i[:, t].view(B, H, 1, V)
             ys.append(torch.einsum("bhk,bhkv->bhv", q[:, t].view(B, H, K) * K**-0.5, h).reshape(B, D))
         y = torch.stack(ys, 1)
-        # g_norm's eps is config.norm_eps, as fla's HGRN2Block passes it to the layer.
-        y = rms(y, sd.get(p + "attn.g_norm.weight"), cfg.norm_eps)
+        # g_norm's eps is 1e-5: fla's forward calls rms_norm_linear without eps (default 1e-5).
+        y = rms(y, sd.get(p + "attn.g_norm.weight"), 1e-5)
         x = x + lin(y, p + "attn.o_proj.weight")
         u = rms(x, sd[p + "mlp_norm.weight"], cfg.norm_eps)
         x = x + lin(F.silu(lin(u, p + "mlp.gate_proj.weight")) * lin(u, p + "mlp.up_proj.weight"),
