@@ -70,10 +70,16 @@ def _pair_decay(b: torch.Tensor) -> torch.Tensor:
     return diff.masked_fill(~causal[:, :, None], float("-inf")).exp()
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """The accumulation dtype: fp32, or float64 when the reference is asked for in float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _prepare(q, g, v, initial_state, scale, C):
     B, _, H, K = q.shape
-    h0 = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
-    qc, gc, vc = (_chunked(x.float(), C) for x in (q, g, v))
+    acc = _acc(q).dtype
+    h0 = _acc(initial_state) if initial_state is not None else q.new_zeros(B, H, K, v.shape[-1], dtype=acc)
+    qc, gc, vc = (_chunked(_acc(x), C) for x in (q, g, v))
     b = gc.cumsum(-2)  # [B, H, N, C, K]
     b_last = b[..., -1:, :]  # [B, H, N, 1, K]
     k = -torch.expm1(gc)
@@ -111,16 +117,16 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
     B, T, H, _ = q.shape
     h0, qc, gc, vc, b, b_last, k, qs, E, A, ke = _prepare(q, g, v, initial_state, scale, chunk_size)
     if T == 0:
-        dh0 = dht.float().clone() if dht is not None else torch.zeros_like(h0)
+        dh0 = _acc(dht).clone() if dht is not None else torch.zeros_like(h0)
         return torch.zeros_like(q), torch.zeros_like(g), torch.zeros_like(v), dh0
     starts, _ = _chunk_states(h0, b_last, ke, vc)
-    doc = _chunked(do.float(), chunk_size)
+    doc = _chunked(_acc(do), chunk_size)
     N = doc.shape[2]
 
     # Gradient of each chunk's end state, walking back from the final state's gradient.
     qe = qs * b.exp()
     decay = b_last.exp().transpose(-1, -2)  # [B, H, N, K, 1]
-    dh = dht.float() if dht is not None else torch.zeros_like(h0)
+    dh = _acc(dht) if dht is not None else torch.zeros_like(h0)
     ends_grad = []
     for n in reversed(range(N)):
         ends_grad.append(dh)
