@@ -46,7 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch.library import wrap_triton
 
-CHUNK = 32  # small: the pair tensor [C, C, K] per chunk is what the CPU path pays for exactness
+# The pair tensor [C, C, K] per chunk is what the CPU path pays for exactness; against the short
+# sequential loop over chunks, C = 8 was fastest on a 2-core CPU (fwd+bwd at B16 T256 H4 K32:
+# 0.09 s at C = 8, 0.27 s at 16, 0.67 s at 32).
+CHUNK = 8
 
 
 def _chunked(x: torch.Tensor, C: int) -> torch.Tensor:

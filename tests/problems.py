@@ -1,6 +1,6 @@
 """Hypothesis strategy for recurrence problems, shared by the op and kernel tests.
 
-It draws the hard cases on purpose: T = 1, T not a multiple of the chunk (32 on the CPU path,
+It draws the hard cases on purpose: T = 1, T not a multiple of the chunk (8 on the CPU path,
 64 in Triton), gates from near 0 (forget logits down to -20, or g = -30 per step) to near 1
 (logits up to +20, lower bounds up to 0.999), K != V, with and without an initial state.
 """
