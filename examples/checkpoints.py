@@ -32,19 +32,6 @@ STATE = "train_state.pt"
 TOKENIZER = "tokenizer.json"
 
 
-def _fsync_tree(directory: Path) -> None:
-    """save_pretrained's own writes are atomic but the directory as a whole must reach the disk
-    before `latest` points at it."""
-    for path in directory.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(out_dir: str | os.PathLike, step: int, model, tokenizer_json: str, state: dict[str, Any]) -> Path:
     """Writes checkpoint `step` (model: an unwrapped HGRN2ForCausalLM) and points `latest` at it."""
     out = Path(out_dir)
@@ -59,8 +46,10 @@ def save(out_dir: str | os.PathLike, step: int, model, tokenizer_json: str, stat
     tmp.mkdir()
     model.save_pretrained(tmp)
     atomic_write_bytes(tmp / TOKENIZER, tokenizer_json.encode())
+    # Every file above is written atomically: fsync'ed, and its directory fsync'ed after the rename,
+    # so the folder is on disk before `latest` moves; writing `latest` fsyncs `out`, which also
+    # makes the rename of tmp to final below durable.
     atomic_write(tmp / STATE, lambda path: torch.save(state, path))
-    _fsync_tree(tmp)
     if final.exists():  # renamed by a process killed before it could move `latest`
         shutil.rmtree(final)
     os.rename(tmp, final)

@@ -79,9 +79,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, dht):
     q, g, v, initial_state = ctx.saved_tensors
-    # Gradients can arrive with stride 0 (the gradient of `.sum()`); the kernels want dense memory.
-    do = do.contiguous()
-    dht = dht.contiguous() if dht is not None else None
+    # do can arrive with stride 0 (the gradient of `.sum()`): the Triton wrapper makes it dense.
     dq, dg, dv, dh0 = torch.ops.hgrn2mini.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, ctx.scale)
     return dq, dg, dv, (dh0 if initial_state is not None else None), None
 

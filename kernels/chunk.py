@@ -548,6 +548,7 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale):
     """Triton backward: (dq, dg fp32, dv, d initial state fp32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    # Gradients can arrive with stride 0 (the gradient of `.sum()`); the kernels index densely.
     q, g, v, do = q.contiguous(), g.contiguous(), v.contiguous(), do.contiguous()
     NT = triton.cdiv(T, _BT)
     DT, PREC = _dot_config(q.dtype)
