@@ -158,44 +158,34 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
         dh0,
     )
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# Design (per head; BT = 64 steps a chunk, BC = 16 rows a sub-block, K and V up to 256):
+# Design (per head; BT = 64 steps a chunk, K and V up to 256). What each kernel reads and writes:
 #
-#   forward   _intra_kernel       grid (chunks, B*H)     reads q, g          writes A [BT, BT] fp32
-#             _state_kernel       grid (V/BV, B*H)       reads q, g, v, A    writes o, final state
-#   backward  _state_kernel x2    forward: chunk-start states (q's dtype)
-#                                 reverse: gradients of chunk-end states, and d initial state (fp32)
-#             _intra_kernel       A again (recomputed, not kept from the forward)
-#             _dv_kernel          grid (chunks, B*H, V/BV)   reads g, do, A, dstates      writes dv
-#             _dqg_kernel         grid (chunks, B*H, K/BK)   reads q, g, v, do, states, dstates
-#                                                            writes dq, dg (fp32)
-#   dq and dg split over key channels (every term is separable in k) to keep the live tiles few.
+#   _state_kernel   grid (K/BS, V/BS, B*H), the only pass that walks the sequence.
+#                   forward:  reads g, v        writes the chunk-start states (q's dtype), final state
+#                   reverse:  reads q, g, do    writes the chunk-end state gradients, d initial state
+#                   One [BS, BS] fp32 state tile in registers, one matmul a chunk.
+#   _fwd_kernel     grid (chunks, B*H, V/BVO): reads q, g, v, states; writes o.
+#                   o = (scale q exp(b)) @ h_start + A @ v, A the in-chunk pair matrix, built in
+#                   registers over key blocks of BK channels and never stored.
+#   _bwd_kernel     grid (chunks, B*H): reads q, g, v, do, states, state gradients; writes dq, dg
+#                   (fp32), dv. Loops over key blocks; dA = do v^T once, A rebuilt per key block
+#                   (every term is separable over key channels), dv accumulated over them.
+#   forward = state (forward) + fwd; backward = state (forward, recomputed) + state (reverse) + bwd.
 #
-# Only `_state_kernel` walks the sequence; it keeps the [K, BV] state in fp32 registers and does
-# three matmuls a chunk. Everything else is parallel over chunks. The key k = -expm1(g) and the
-# in-chunk cumulative gate b = cumsum(g) (fp32) are recomputed from g wherever they are needed,
-# never stored. The states are stored in the input dtype because they only feed matmuls whose
-# operands are rounded to it anyway; the final state and d initial state are fp32.
+# The key k = -expm1(g) and b = cumsum(g) inside the chunk (fp32) are derived from g wherever
+# they are needed, never stored. States are stored in the input dtype (they only feed matmuls
+# whose operands are rounded to it anyway); the final state and d initial state are fp32.
 #
-# In-chunk pair terms exp(b_i - b_j) (j <= i) are evaluated as matmuls by referring each row
-# sub-block s to the cumulative gate r just before it: (q_i exp(b_i - r)) . (k_j exp(r - b_j)).
-# For j in earlier sub-blocks both exponents are <= 0. For j in s itself the second exponent is
-# >= 0 but bounded by the sub-block's total decay; while that stays <= _FAST_RANGE the factors
-# stay finite and normal (fp32 / bf16 range) and the matmul is exact to rounding ("fast path").
-# A chunk where some sub-block decays more (gates below about exp(-4) per step over 16 steps)
-# takes the slow path: diagonal sub-blocks are evaluated pair by pair in log space, about 10x
-# the work of the fast path for that chunk, still exact.
-#
-# Status (H100, Triton 3.6, 2026-11-23; benchmarks/RESULTS.md): bf16 B=8 T=2048 H=8 K=V=128 takes
-# 0.44 ms forward and 1.90 ms forward+backward, about fla's chunk_gla. The sequential state kernel
-# has only B*H*V/64 programs, the row extractions (_row) go through shared memory, and the dq/dg
-# kernel holds many fp32 tiles: those are the known costs. Triton 3.6 on the H100 faulted or
-# miscomputed for state tiles with BK < BV and for 3xTF32 at K=128, V=16; the configurations
-# below avoid both, and fp16 (and fp32 at K=256) take the PyTorch path.
+# In-chunk pairs, exp(b_i - b_j) for j < i, are matmuls of factors with one reference per key
+# channel: (q_i exp(b_i - m)) . (k_j exp(m - b_j)). With m = b_last / 2 every exponent lies in
+# [b_last / 2, -b_last / 2], so while a chunk decays by at most 2 * _FAST_RANGE in every channel
+# the factors are finite normal numbers and the product is exact to rounding: one matmul. Chunks
+# that decay more take the sub-block path (`_intra`): a reference per 16-row sub-block, and if a
+# sub-block itself decays by more than _FAST_RANGE, its pairs are evaluated one by one in log
+# space. The diagonal pairs (exp(0) = 1) are always summed in fp32, never rounded to bf16.
 # ---------------------------------------------------------------------------------------------
 
 try:
@@ -211,9 +201,9 @@ _DIMS = (16, 32, 64, 128, 256)
 
 def triton_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
     """The Triton path: CUDA bf16 (fp32 up to K = 128) tensors, T > 0, K and V in {16, ..., 256}."""
-    # fp16 takes the PyTorch path: with fp32 matmul operands (fp16 has too little range for the
-    # sub-block factors) K = 128, V = 16 gave wrong outputs on the H100 with Triton 3.6. So does
-    # fp32 with K = 256, whose fp32 tiles overflow shared memory.
+    # fp16 takes the PyTorch path: fp16 has too little range for the in-chunk factors, and with
+    # fp32 operands K = 128, V = 16 gave wrong outputs on the H100 with Triton 3.6 (3xTF32). fp32
+    # with K = 256 overflowed shared memory.
     return (
         triton is not None
         and q.is_cuda
@@ -239,11 +229,15 @@ if triton is not None:
         return tl.sum(tl.where(rows[:, None] == i, x, 0.0), 0)
 
     @triton.jit
-    def _load_chunk(ptr, t0, T, HD, rows, D: tl.constexpr):
-        """Rows t0..t0+BT of one head of a [B, T, H, D] tensor (ptr already at (b, 0, h, 0))."""
-        cols = tl.arange(0, D)
+    def _load_tile(ptr, t0, T, stride, rows, cols):
+        """Rows t0 + rows, columns cols of one head of a [B, T, H, D] tensor (ptr at (b, 0, h, 0))."""
         m = (t0 + rows)[:, None] < T
-        return tl.load(ptr + (t0 + rows)[:, None] * HD + cols[None, :], mask=m, other=0.0)
+        return tl.load(ptr + (t0 + rows)[:, None] * stride + cols[None, :], mask=m, other=0.0)
+
+    @triton.jit
+    def _store_tile(ptr, x, t0, T, stride, rows, cols):
+        m = (t0 + rows)[:, None] < T
+        tl.store(ptr + (t0 + rows)[:, None] * stride + cols[None, :], x.to(ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _is_slow(b, rows, BT: tl.constexpr, BC: tl.constexpr, FAST_RANGE: tl.constexpr):
@@ -260,18 +254,19 @@ if triton is not None:
     @triton.jit
     def _intra(qs, k, b, dA, rows, slow, DT: tl.constexpr, PREC: tl.constexpr,
                BT: tl.constexpr, BC: tl.constexpr, NEED_A: tl.constexpr, NEED_GRAD: tl.constexpr):
-        """In-chunk pair terms. qs = scale * q, k, b: [BT, K] fp32; dA = tril(do v^T): [BT, BT].
+        """Strictly lower in-chunk pairs by 16-row sub-blocks (chunks that decay too much for one
+        reference). qs = scale * q, k, b: [BT, BK] fp32; dA = strictly lower (do v^T): [BT, BT].
 
-        A[i, j]   = sum_k qs_i k_j exp(b_i - b_j)                   (j <= i)
+        A[i, j]   = sum_k qs_i k_j exp(b_i - b_j)                   (j < i)
         dq[i]     = sum_j dA_ij k_j exp(b_i - b_j)
         dk[j]     = sum_i dA_ij qs_i exp(b_i - b_j)
         """
-        causal = rows[:, None] >= rows[None, :]
+        lower = rows[:, None] > rows[None, :]
         A = tl.zeros([BT, BT], dtype=tl.float32)
         dq = tl.zeros_like(qs)
         dk = tl.zeros_like(qs)
-        # Sub-blocks whose keys each row block s pairs with through a matmul: all up to s itself on
-        # the fast path, only the earlier ones on the slow path.
+        # Sub-blocks whose keys each row block s pairs with through a matmul: all up to s itself
+        # on the fast path, only the earlier ones on the slow path.
         last = tl.where(slow, 0, 1)
         for s in tl.static_range(BT // BC):
             if s == 0:
@@ -284,7 +279,7 @@ if triton is not None:
             ek = tl.exp(tl.where(keys[:, None], ref[None, :] - b, float("-inf")))
             Qs = (qs * eq).to(DT)
             Ks = (k * ek).to(DT)
-            pair = in_s[:, None] & causal
+            pair = in_s[:, None] & lower
             if NEED_A:
                 A += tl.where(pair, tl.dot(Qs, tl.trans(Ks), input_precision=PREC), 0.0)
             if NEED_GRAD:
@@ -292,11 +287,11 @@ if triton is not None:
                 dq += eq * tl.dot(dAs, Ks, input_precision=PREC)
                 dk += ek * tl.dot(tl.trans(dAs), Qs, input_precision=PREC)
         if slow:
-            # Diagonal sub-blocks pair by pair: column j against the rows i >= j of its sub-block.
+            # Diagonal sub-blocks pair by pair: column j against the rows i > j of its sub-block.
             for j in range(0, BT):
                 bj = _row(b, rows, j)
                 kj = _row(k, rows, j)
-                near = ((rows // BC) == (j // BC)) & (rows >= j)
+                near = ((rows // BC) == (j // BC)) & (rows > j)
                 E = tl.exp(tl.where(near[:, None], b - bj[None, :], float("-inf")))
                 if NEED_A:
                     col = tl.sum(qs * kj[None, :] * E, 1)
@@ -309,171 +304,165 @@ if triton is not None:
         return A, dq, dk
 
     @triton.jit
-    def _intra_kernel(
-        q, g, A,  # pointers: q, g [B, T, H, K]; A [B*H, NT, BT, BT] fp32 (out)
-        T, H, scale,
-        K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-        DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
-    ):
-        n, bh = tl.program_id(0), tl.program_id(1)
-        NT = tl.cdiv(T, BT)
-        off = (bh // H) * T * H * K + (bh % H) * K
-        rows = tl.arange(0, BT)
-        qc = _load_chunk(q + off, n * BT, T, H * K, rows, K).to(tl.float32)
-        gc = _load_chunk(g + off, n * BT, T, H * K, rows, K)
-        b = tl.cumsum(gc, 0)
-        k = -_expm1(gc)
-        slow = _is_slow(b, rows, BT, BC, FAST_RANGE)
-        Ac, _, _ = _intra(qc * scale, k, b, qc, rows, slow, DT, PREC, BT, BC, True, False)
-        dst = A + ((bh * NT + n) * BT + rows[:, None]) * BT + rows[None, :]
-        tl.store(dst, Ac)
+    def _pairs(qs, k, b, b_last, dA, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+               BC: tl.constexpr, FAST_RANGE: tl.constexpr, NEED_A: tl.constexpr, NEED_GRAD: tl.constexpr):
+        """Strictly lower pairs (A, dq, dk as in `_intra`) of one key block, plus A's diagonal."""
+        if tl.min(b_last, 0) >= -2.0 * FAST_RANGE:
+            mid = 0.5 * b_last
+            eq = tl.exp(b - mid[None, :])
+            ek = tl.exp(mid[None, :] - b)
+            Qf = (qs * eq).to(DT)
+            Kf = (k * ek).to(DT)
+            A = tl.zeros([BT, BT], dtype=tl.float32)
+            dq = tl.zeros_like(qs)
+            dk = tl.zeros_like(qs)
+            if NEED_A:
+                # The upper triangle may overflow to inf: it is discarded here, never summed.
+                A = tl.where(rows[:, None] > rows[None, :], tl.dot(Qf, tl.trans(Kf), input_precision=PREC), 0.0)
+            if NEED_GRAD:
+                dAl = dA.to(DT)
+                dq = eq * tl.dot(dAl, Kf, input_precision=PREC)
+                dk = ek * tl.dot(tl.trans(dAl), Qf, input_precision=PREC)
+        else:
+            slow = _is_slow(b, rows, BT, BC, FAST_RANGE)
+            A, dq, dk = _intra(qs, k, b, dA, rows, slow, DT, PREC, BT, BC, NEED_A, NEED_GRAD)
+        if NEED_A:
+            A += tl.where(rows[:, None] == rows[None, :], tl.sum(qs * k, 1)[:, None], 0.0)
+        return A, dq, dk
 
     @triton.jit
     def _state_kernel(
-        q, g, v, A, o,  # q, g [B, T, H, K]; v (or do) [B, T, H, V]; A fp32; o [B, T, H, V] (out)
-        h0, states, hT,  # h0, hT: [B, H, K, V] fp32 (in, out); states [B*H, NT, K, V] (out)
-        T, H, scale,
-        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-        DT: tl.constexpr, PREC: tl.constexpr,
-        REVERSE: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, STORE_STATES: tl.constexpr,
+        q, g, v, h0, states, hT,  # q, g [B, T, H, K]; v (or do) [B, T, H, V]; h0, hT [B, H, K, V] fp32
+        T, H, scale,  # states [B*H, NT, K, V] (out)
+        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+        DT: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
     ):
-        """Walks the chunks with the [K, BV] state in fp32 registers.
+        """Walks the chunks with one [BS, BS] tile of the state in fp32 registers.
 
-        Forward:  h <- exp(b_last) h + (k exp(b_last - b))^T v, and o = (qs exp(b)) h + A v.
-        REVERSE:  dh <- exp(b_last) dh + (qs exp(b))^T do, walking from the last chunk (v is do).
-        Each state is stored before the chunk updates it, so states[n] is the state at the start
-        of chunk n (forward) or the gradient at its end (reverse); the last one goes to hT
-        (the final state, or the gradient of the initial state).
+        Forward:  h <- exp(b_last) h + (k exp(b_last - b))^T v.
+        REVERSE:  dh <- exp(b_last) dh + (scale q exp(b))^T do, from the last chunk (v is do).
+        Each state is stored before the chunk updates it: states[n] is the state at the start of
+        chunk n (forward) or the gradient at its end (reverse). The last goes to hT (the final
+        state, or the gradient of the initial state).
         """
-        iv, bh = tl.program_id(0), tl.program_id(1)
+        ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
         rows = tl.arange(0, BT)
-        kk = tl.arange(0, K)
-        cv = iv * BV + tl.arange(0, BV)
+        ck = ik * BS + tl.arange(0, BS)
+        cv = iv * BS + tl.arange(0, BS)
         offk = (bh // H) * T * H * K + (bh % H) * K
-        offv = (bh // H) * T * H * V + (bh % H) * V + iv * BV
-        state_off = kk[:, None] * V + cv[None, :]
+        offv = (bh // H) * T * H * V + (bh % H) * V
+        state_off = ck[:, None] * V + cv[None, :]
         if HAS_H0:
             h = tl.load(h0 + bh * K * V + state_off)
         else:
-            h = tl.zeros([K, BV], dtype=tl.float32)
+            h = tl.zeros([BS, BS], dtype=tl.float32)
         for it in range(0, NT):
             if REVERSE:
                 n = NT - 1 - it
             else:
                 n = it
             t0 = n * BT
-            if STORE_STATES:
-                tl.store(states + (bh * NT + n) * K * V + state_off, h.to(states.dtype.element_ty))
-            gc = _load_chunk(g + offk, t0, T, H * K, rows, K)
-            b = tl.cumsum(gc, 0)
-            b_last = _row(b, rows, BT - 1)
-            vc = _load_chunk(v + offv, t0, T, H * V, rows, BV)
-            if REVERSE or STORE_O:
-                qe = _load_chunk(q + offk, t0, T, H * K, rows, K).to(tl.float32) * scale * tl.exp(b)
-            if STORE_O:
-                Ac = tl.load(A + ((bh * NT + n) * BT + rows[:, None]) * BT + rows[None, :])
-                oc = tl.dot(qe.to(DT), h.to(DT), input_precision=PREC)
-                oc += tl.dot(Ac.to(DT), vc.to(DT), input_precision=PREC)
-                m = (t0 + rows)[:, None] < T
-                tl.store(o + offv + (t0 + rows)[:, None] * (H * V) + tl.arange(0, BV)[None, :],
-                         oc.to(o.dtype.element_ty), mask=m)
+            tl.store(states + (bh * NT + n) * K * V + state_off, h.to(states.dtype.element_ty))
+            gc = _load_tile(g + offk, t0, T, H * K, rows, ck)  # rows past T: g = 0 (decay 1, key 0)
+            vc = _load_tile(v + offv, t0, T, H * V, rows, cv)
             if REVERSE:
-                x = qe
+                x = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale * tl.exp(tl.cumsum(gc, 0))
             else:
-                x = -_expm1(gc) * tl.exp(b_last[None, :] - b)
-            h = tl.exp(b_last)[:, None] * h + tl.dot(tl.trans(x.to(DT)), vc.to(DT), input_precision=PREC)
+                after = tl.cumsum(gc, 0, reverse=True) - gc  # b_last - b: the decay still to come
+                x = -_expm1(gc) * tl.exp(after)
+            h = tl.exp(tl.sum(gc, 0))[:, None] * h + tl.dot(tl.trans(x.to(DT)), vc.to(DT), input_precision=PREC)
         tl.store(hT + bh * K * V + state_off, h)
 
     @triton.jit
-    def _dv_kernel(
-        g, do, A, dstates, dv,  # g [B, T, H, K]; do, dv [B, T, H, V]; A fp32; dstates [B*H, NT, K, V]
-        T, H,
-        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-        DT: tl.constexpr, PREC: tl.constexpr,
+    def _fwd_kernel(
+        q, g, v, states, o,  # q, g [B, T, H, K]; v, o [B, T, H, V]; states [B*H, NT, K, V]
+        T, H, scale,
+        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+        BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
     ):
-        """dv = (k exp(b_last - b)) @ dh_end + A^T @ do, one [BT, BV] block."""
+        """o = (scale q exp(b)) @ h_start + A @ v for one chunk and BVO value channels."""
         n, bh, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
         t0 = n * BT
         rows = tl.arange(0, BT)
-        kk = tl.arange(0, K)
-        cv = iv * BV + tl.arange(0, BV)
+        cv = iv * BVO + tl.arange(0, BVO)
         offk = (bh // H) * T * H * K + (bh % H) * K
         offv = (bh // H) * T * H * V + (bh % H) * V
-        gc = _load_chunk(g + offk, t0, T, H * K, rows, K)
-        b = tl.cumsum(gc, 0)
-        ke = -_expm1(gc) * tl.exp(_row(b, rows, BT - 1)[None, :] - b)
-        Ac = tl.load(A + ((bh * NT + n) * BT + rows[:, None]) * BT + rows[None, :])
-        doc = _load_chunk(do + offv + iv * BV, t0, T, H * V, rows, BV)
-        dh_end = tl.load(dstates + (bh * NT + n) * K * V + kk[:, None] * V + cv[None, :])
-        dvc = tl.dot(ke.to(DT), dh_end.to(DT), input_precision=PREC)
-        dvc += tl.dot(tl.trans(Ac.to(DT)), doc.to(DT), input_precision=PREC)
-        m = (t0 + rows)[:, None] < T
-        tl.store(dv + offv + (t0 + rows)[:, None] * (H * V) + cv[None, :], dvc.to(dv.dtype.element_ty), mask=m)
+        st = states + (bh * NT + n) * K * V
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        oc = tl.zeros([BT, BVO], dtype=tl.float32)
+        for kb in range(0, K // BK):
+            ck = kb * BK + tl.arange(0, BK)
+            qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
+            gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
+            b = tl.cumsum(gc, 0)
+            Ab, _, _ = _pairs(qs, -_expm1(gc), b, tl.sum(gc, 0), A, rows,
+                              DT, PREC, BT, BC, FAST_RANGE, True, False)
+            A += Ab
+            h = tl.load(st + ck[:, None] * V + cv[None, :])
+            oc += tl.dot((qs * tl.exp(b)).to(DT), h.to(DT), input_precision=PREC)
+        vc = _load_tile(v + offv, t0, T, H * V, rows, cv)
+        oc += tl.dot(A.to(DT), vc.to(DT), input_precision=PREC)
+        _store_tile(o + offv, oc, t0, T, H * V, rows, cv)
 
     @triton.jit
-    def _dqg_kernel(
+    def _bwd_kernel(
         q, g, v, do,  # [B, T, H, K] / [B, T, H, V]
         states, dstates,  # [B*H, NT, K, V]: chunk-start states; gradients of chunk-end states
-        dq, dg,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32
+        dq, dg, dv,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32, [B, T, H, V]
         T, H, scale,
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-        BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
+        DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr, FAST_RANGE: tl.constexpr,
     ):
-        """dq and dg for one [BT, BK] block: every term is separable over the key channels."""
-        n, bh, ik = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        """dq, dg and dv of one chunk (formulas in chunk_hgrn2_bwd_ref), key block by key block."""
+        n, bh = tl.program_id(0), tl.program_id(1)
         NT = tl.cdiv(T, BT)
         t0 = n * BT
         rows = tl.arange(0, BT)
-        kk = ik * BK + tl.arange(0, BK)
-        offk = (bh // H) * T * H * K + (bh % H) * K + ik * BK
+        cv = tl.arange(0, V)
+        offk = (bh // H) * T * H * K + (bh % H) * K
         offv = (bh // H) * T * H * V + (bh % H) * V
-        qc = _load_chunk(q + offk, t0, T, H * K, rows, BK).to(tl.float32)
-        gc = _load_chunk(g + offk, t0, T, H * K, rows, BK)
-        b = tl.cumsum(gc, 0)
-        k = -_expm1(gc)
-
-        dA = tl.zeros([BT, BT], dtype=tl.float32)
-        dq_h = tl.zeros([BT, BK], dtype=tl.float32)  # do @ h_start^T
-        dk_h = tl.zeros([BT, BK], dtype=tl.float32)  # v @ dh_end^T
-        outside = tl.zeros([BK], dtype=tl.float32)  # rowsum(dh_end * h_start)
         st = states + (bh * NT + n) * K * V
         dst = dstates + (bh * NT + n) * K * V
-        for iv in range(0, V // BV):
-            cv = iv * BV + tl.arange(0, BV)
-            sv = kk[:, None] * V + cv[None, :]
-            vc = _load_chunk(v + offv + iv * BV, t0, T, H * V, rows, BV).to(DT)
-            doc = _load_chunk(do + offv + iv * BV, t0, T, H * V, rows, BV).to(DT)
-            h_start = tl.load(st + sv)
-            dh_end = tl.load(dst + sv)
-            dA += tl.dot(doc, tl.trans(vc), input_precision=PREC)
-            dq_h += tl.dot(doc, tl.trans(h_start.to(DT)), input_precision=PREC)
-            dk_h += tl.dot(vc, tl.trans(dh_end.to(DT)), input_precision=PREC)
-            outside += tl.sum(dh_end.to(tl.float32) * h_start.to(tl.float32), 1)
-
-        # Pairs j < i through _intra; the diagonal pairs (decay exp(0) = 1) on their own, so that
-        # dg below never cancels them (see chunk_hgrn2_bwd_ref).
+        vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
+        doc = _load_tile(do + offv, t0, T, H * V, rows, cv).to(DT)
+        dA = tl.dot(doc, tl.trans(vc), input_precision=PREC)
+        # Pairs j < i through _pairs; the diagonal (decay exp(0) = 1) on its own, so that dg below
+        # never cancels it (see chunk_hgrn2_bwd_ref).
         diag = tl.sum(tl.where(rows[:, None] == rows[None, :], dA, 0.0), 1)
         dA = tl.where(rows[:, None] > rows[None, :], dA, 0.0)
-        slow = _is_slow(b, rows, BT, BC, FAST_RANGE)
-        qs = qc * scale
-        _, dq_in, dk_in = _intra(qs, k, b, dA, rows, slow, DT, PREC, BT, BC, False, True)
-        b_last = _row(b, rows, BT - 1)
-        dq_h = scale * tl.exp(b) * dq_h
-        dk_h = tl.exp(b_last[None, :] - b) * dk_h
-        dqc = dq_h + scale * (dq_in + diag[:, None] * k)
-        dkc = dk_h + dk_in + diag[:, None] * qs
-        # sum over j < t of k_j dk_h_j: a strictly lower-triangular matmul, exact in fp32, instead of
-        # an inclusive cumsum minus the row (which would cancel).
         before = (rows[:, None] > rows[None, :]).to(tl.float32)
-        keys_before = tl.dot(before, k * dk_h, input_precision="ieee")
-        later = tl.cumsum(qc * (dq_h + scale * dq_in) - k * dk_in, 0, reverse=True)
-        dgc = tl.exp(b_last)[None, :] * outside[None, :] + keys_before + later - tl.exp(gc) * dkc
-        m = (t0 + rows)[:, None] < T
-        ptr = offk + (t0 + rows)[:, None] * (H * K) + tl.arange(0, BK)[None, :]
-        tl.store(dq + ptr, dqc.to(dq.dtype.element_ty), mask=m)
-        tl.store(dg + ptr, dgc, mask=m)
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        dvc = tl.zeros([BT, V], dtype=tl.float32)
+        for kb in range(0, K // BK):
+            ck = kb * BK + tl.arange(0, BK)
+            qc = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32)
+            gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
+            b = tl.cumsum(gc, 0)
+            b_last = tl.sum(gc, 0)
+            k = -_expm1(gc)
+            qs = qc * scale
+            Ab, dq_in, dk_in = _pairs(qs, k, b, b_last, dA, rows, DT, PREC, BT, BC, FAST_RANGE, True, True)
+            A += Ab
+            h = tl.load(st + ck[:, None] * V + cv[None, :])
+            dh = tl.load(dst + ck[:, None] * V + cv[None, :])
+            outside = tl.sum(h.to(tl.float32) * dh.to(tl.float32), 1)  # rowsum(dh_end * h_start)
+            to_end = tl.exp(b_last[None, :] - b)
+            dq_h = scale * tl.exp(b) * tl.dot(doc, tl.trans(h.to(DT)), input_precision=PREC)
+            dk_h = to_end * tl.dot(vc, tl.trans(dh.to(DT)), input_precision=PREC)
+            dvc += tl.dot((k * to_end).to(DT), dh.to(DT), input_precision=PREC)
+            dqc = dq_h + scale * (dq_in + diag[:, None] * k)
+            dkc = dk_h + dk_in + diag[:, None] * qs
+            # sum over j < t of k_j dk_h_j: a strictly lower-triangular matmul instead of an
+            # inclusive cumsum minus the row (which would cancel when the row dominates).
+            keys_before = tl.dot(before, k * dk_h, input_precision=PREC32)
+            later = tl.cumsum(qc * (dq_h + scale * dq_in) - k * dk_in, 0, reverse=True)
+            dgc = tl.exp(b_last)[None, :] * outside[None, :] + keys_before + later - tl.exp(gc) * dkc
+            _store_tile(dq + offk, dqc, t0, T, H * K, rows, ck)
+            _store_tile(dg + offk, dgc, t0, T, H * K, rows, ck)
+        dvc += tl.dot(tl.trans(A.to(DT)), doc, input_precision=PREC)
+        _store_tile(dv + offv, dvc, t0, T, H * V, rows, cv)
 
 
 def _interpreting() -> bool:
@@ -487,41 +476,42 @@ def _launch(kernel):
 
 
 def _dot_config(dtype: torch.dtype):
-    """Matmul operand dtype and precision: bf16 operands for bf16 inputs; fp32 FMA matmuls for fp32
-    inputs, the accuracy path (3xTF32 gave wrong results at K = 128, V = 16 on the H100 with
-    Triton 3.6)."""
+    """Matmul operand dtype and precision, and the precision of fp32-operand matmuls: bf16
+    operands (tf32 for fp32 ones) for bf16 inputs; fp32 FMA matmuls for fp32 inputs, the accuracy
+    path (3xTF32 gave wrong results at K = 128, V = 16 on the H100 with Triton 3.6)."""
     if dtype == torch.bfloat16:
-        return tl.bfloat16, "tf32"
-    return tl.float32, "ieee"
+        return tl.bfloat16, "tf32", "tf32"
+    return tl.float32, "ieee", "ieee"
 
 
 # Launch configuration, fixed rather than autotuned (autotune inside a triton_op fights compile).
 CONFIG = {
-    "state_bv": 64, "state_warps": 8, "intra_warps": 4,
-    "dv_bv": 64, "dv_warps": 4,
-    "dqg_bk": 64, "dqg_bv": 64, "dqg_warps": 8, "dqg_stages": 1,
+    "state_bs": 64, "state_warps": 4, "state_stages": 2, "min_programs": 264,
+    "fwd_bk": 64, "fwd_bv": 128, "fwd_warps": 8,
+    "bwd_bk": 32, "bwd_warps": 8,
 }
 
 
-def _bv(V: int, key: str = "state_bv") -> int:
-    return min(V, CONFIG[key])
-
-
-def _intra_A(q, g, scale, DT, PREC):
+def _run_states(q, g, x, h0, reverse, scale):
+    """Chunk-start states (or chunk-end state gradients), [B*H, NT, K, V] in q's dtype, and the
+    final state (or d initial state), fp32."""
     B, T, H, K = q.shape
+    V = x.shape[-1]
     NT = triton.cdiv(T, _BT)
-    A = torch.empty(B * H, NT, _BT, _BT, device=q.device, dtype=torch.float32)
-    _launch(_intra_kernel)[(NT, B * H)](
-        q, g, A, T, H, scale, K=K, BT=_BT, BC=_BC, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE,
-        num_warps=CONFIG["intra_warps"], num_stages=1,
+    DT, PREC, _ = _dot_config(q.dtype)
+    states = torch.empty(B * H, NT, K, V, device=q.device, dtype=q.dtype)
+    hT = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+    # State tiles with BK < BV faulted on the H100 with Triton 3.6: square tiles only. Smaller
+    # tiles where B * H alone would leave SMs idle (the walk is latency-bound per program).
+    BS = min(K, V, CONFIG["state_bs"])
+    while BS > 16 and (K // BS) * (V // BS) * B * H < CONFIG["min_programs"]:
+        BS //= 2
+    _launch(_state_kernel)[(K // BS, V // BS, B * H)](
+        q, g, x, h0 if h0 is not None else hT, states, hT, T, H, scale,
+        K=K, V=V, BT=_BT, BS=BS, DT=DT, PREC=PREC, REVERSE=reverse, HAS_H0=h0 is not None,
+        num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
     )
-    return A
-
-
-def _state_stages(q) -> int:
-    # Each pipeline stage buffers q and g chunks ([64, K], g in fp32): three stages overflow the
-    # 227 KB of shared memory for fp32 inputs with K >= 128 and for K = 256.
-    return 3 if q.shape[-1] * q.element_size() <= 256 else 1
+    return states, hT
 
 
 def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
@@ -529,17 +519,15 @@ def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
     B, T, H, K = q.shape
     V = v.shape[-1]
     q, g, v = q.contiguous(), g.contiguous(), v.contiguous()
-    DT, PREC = _dot_config(q.dtype)
-    A = _intra_A(q, g, scale, DT, PREC)
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    DT, PREC, _ = _dot_config(q.dtype)
+    states, hT = _run_states(q, g, v, h0, False, scale)
     o = torch.empty_like(v)
-    hT = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    h0 = initial_state.contiguous() if initial_state is not None else hT
-    BV = _bv(V)
-    _launch(_state_kernel)[(V // BV, B * H)](
-        q, g, v, A, o, h0, hT, hT, T, H, scale,
-        K=K, V=V, BT=_BT, BV=BV, DT=DT, PREC=PREC,
-        REVERSE=False, HAS_H0=initial_state is not None, STORE_O=True, STORE_STATES=False,
-        num_warps=CONFIG["state_warps"], num_stages=_state_stages(q),
+    BK, BVO = min(K, CONFIG["fwd_bk"]), min(V, CONFIG["fwd_bv"])
+    _launch(_fwd_kernel)[(triton.cdiv(T, _BT), B * H, V // BVO)](
+        q, g, v, states, o, T, H, scale,
+        K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE,
+        num_warps=CONFIG["fwd_warps"], num_stages=1,
     )
     return o, hT
 
@@ -550,41 +538,14 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale):
     V = v.shape[-1]
     # Gradients can arrive with stride 0 (the gradient of `.sum()`); the kernels index densely.
     q, g, v, do = q.contiguous(), g.contiguous(), v.contiguous(), do.contiguous()
-    NT = triton.cdiv(T, _BT)
-    DT, PREC = _dot_config(q.dtype)
-    BV = _bv(V)
-    states = torch.empty(B * H, NT, K, V, device=q.device, dtype=q.dtype)
-    dstates = torch.empty_like(states)
-    hT = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    dh0 = torch.empty_like(hT)
-    common = dict(
-        K=K, V=V, BT=_BT, BV=BV, DT=DT, PREC=PREC, STORE_O=False, STORE_STATES=True,
-        num_warps=CONFIG["state_warps"], num_stages=_state_stages(q),
-    )
-    h0 = initial_state.contiguous() if initial_state is not None else hT
-    _launch(_state_kernel)[(V // BV, B * H)](
-        q, g, v, hT, v, h0, states, hT, T, H, scale,
-        REVERSE=False, HAS_H0=initial_state is not None, **common,
-    )
-    dht_ = dht.contiguous() if dht is not None else dh0
-    _launch(_state_kernel)[(V // BV, B * H)](
-        q, g, do, hT, do, dht_, dstates, dh0, T, H, scale,
-        REVERSE=True, HAS_H0=dht is not None, **common,
-    )
-    A = _intra_A(q, g, scale, DT, PREC)
-    dv = torch.empty_like(v)
-    BVd = _bv(V, "dv_bv")
-    _launch(_dv_kernel)[(NT, B * H, V // BVd)](
-        g, do, A, dstates, dv, T, H, K=K, V=V, BT=_BT, BV=BVd, DT=DT, PREC=PREC, num_warps=CONFIG["dv_warps"]
-    )
-    dq = torch.empty_like(q)
-    dg = torch.empty_like(g)
-    # State tiles [BK, BV] with BK < BV faulted (illegal address) or gave wrong bf16 results on the
-    # H100 with Triton 3.6, so BV <= BK; K is split only from 128 up (K = 128 in halves is checked).
-    BK = K if K <= 64 else CONFIG["dqg_bk"]
-    _launch(_dqg_kernel)[(NT, B * H, K // BK)](
-        q, g, v, do, states, dstates, dq, dg, T, H, scale,
-        K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=min(_bv(V, "dqg_bv"), BK), DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE,
-        num_warps=CONFIG["dqg_warps"], num_stages=CONFIG["dqg_stages"],
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    DT, PREC, PREC32 = _dot_config(q.dtype)
+    states, _ = _run_states(q, g, v, h0, False, scale)
+    dstates, dh0 = _run_states(q, g, do, dht.contiguous() if dht is not None else None, True, scale)
+    dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
+    _launch(_bwd_kernel)[(triton.cdiv(T, _BT), B * H)](
+        q, g, v, do, states, dstates, dq, dg, dv, T, H, scale,
+        K=K, V=V, BT=_BT, BC=_BC, BK=min(K, CONFIG["bwd_bk"]), DT=DT, PREC=PREC, PREC32=PREC32,
+        FAST_RANGE=_FAST_RANGE, num_warps=CONFIG["bwd_warps"], num_stages=1,
     )
     return dq, dg, dv, dh0
