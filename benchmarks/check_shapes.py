@@ -1,7 +1,7 @@
 """One forward + backward of the op at a (K, V, dtype) against the float64 chunked reference.
 
-    python benchmarks/check_shapes.py K V dtype        (device machine; one process per shape,
-                                                        since a faulting kernel poisons the context)
+    python benchmarks/check_shapes.py K V dtype [nofast] (device machine; one process per shape,
+                                                          since a faulting kernel poisons the context)
 """
 
 import sys
@@ -13,6 +13,10 @@ from hgrn2mini.kernels.chunk import chunk_hgrn2_bwd_ref, chunk_hgrn2_fwd_ref
 from hgrn2mini.ops import chunk_hgrn2
 
 K, V, dt = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
+if "nofast" in sys.argv:  # the default configuration even where chunk.FAST overrides it
+    from hgrn2mini.kernels import chunk
+
+    chunk.FAST.clear()
 torch.manual_seed(0)
 B, T, H = 2, 130, 2
 q = torch.randn(B, T, H, K, device="cuda")

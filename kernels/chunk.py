@@ -252,83 +252,80 @@ if triton is not None:
         return worst > FAST_RANGE
 
     @triton.jit
-    def _intra(qs, k, b, dA, rows, slow, DT: tl.constexpr, PREC: tl.constexpr,
-               BT: tl.constexpr, BC: tl.constexpr, NEED_A: tl.constexpr, NEED_GRAD: tl.constexpr):
-        """Strictly lower in-chunk pairs by 16-row sub-blocks (chunks that decay too much for one
-        reference). qs = scale * q, k, b: [BT, BK] fp32; dA = strictly lower (do v^T): [BT, BT].
+    def _path(b, b_last, rows, BT: tl.constexpr, BC: tl.constexpr, FAST_RANGE: tl.constexpr):
+        """How a key block's in-chunk pairs are evaluated: (whole, slow, n_sub, size, own).
 
-        A[i, j]   = sum_k qs_i k_j exp(b_i - b_j)                   (j < i)
-        dq[i]     = sum_j dA_ij k_j exp(b_i - b_j)
-        dk[j]     = sum_i dA_ij qs_i exp(b_i - b_j)
+        Row blocks, each with one reference per channel: the whole chunk with m = b_last / 2 when
+        it decays by at most 2 * FAST_RANGE; else 16-row sub-blocks referred to the cumulative gate
+        just before them, their own keys included while the sub-block decays by at most
+        FAST_RANGE, and otherwise left to a pair-by-pair loop in log space (`slow`).
         """
-        lower = rows[:, None] > rows[None, :]
-        A = tl.zeros([BT, BT], dtype=tl.float32)
-        dq = tl.zeros_like(qs)
-        dk = tl.zeros_like(qs)
-        # Sub-blocks whose keys each row block s pairs with through a matmul: all up to s itself
-        # on the fast path, only the earlier ones on the slow path.
-        last = tl.where(slow, 0, 1)
-        for s in tl.static_range(BT // BC):
-            if s == 0:
-                ref = tl.zeros_like(_row(b, rows, 0))
-            else:
-                ref = _row(b, rows, s * BC - 1)
-            in_s = (rows // BC) == s
-            keys = (rows // BC) < s + last
-            eq = tl.exp(tl.where(in_s[:, None], b - ref[None, :], float("-inf")))
-            ek = tl.exp(tl.where(keys[:, None], ref[None, :] - b, float("-inf")))
-            Qs = (qs * eq).to(DT)
-            Ks = (k * ek).to(DT)
-            pair = in_s[:, None] & lower
-            if NEED_A:
-                A += tl.where(pair, tl.dot(Qs, tl.trans(Ks), input_precision=PREC), 0.0)
-            if NEED_GRAD:
-                dAs = tl.where(pair, dA, 0.0).to(DT)
-                dq += eq * tl.dot(dAs, Ks, input_precision=PREC)
-                dk += ek * tl.dot(tl.trans(dAs), Qs, input_precision=PREC)
-        if slow:
-            # Diagonal sub-blocks pair by pair: column j against the rows i > j of its sub-block.
-            for j in range(0, BT):
-                bj = _row(b, rows, j)
-                kj = _row(k, rows, j)
-                near = ((rows // BC) == (j // BC)) & (rows > j)
-                E = tl.exp(tl.where(near[:, None], b - bj[None, :], float("-inf")))
-                if NEED_A:
-                    col = tl.sum(qs * kj[None, :] * E, 1)
-                    A += tl.where(rows[None, :] == j, col[:, None], 0.0)
-                if NEED_GRAD:
-                    dAj = tl.sum(tl.where(rows[None, :] == j, dA, 0.0), 1)
-                    dq += dAj[:, None] * kj[None, :] * E
-                    dkj = tl.sum(dAj[:, None] * qs * E, 0)
-                    dk += tl.where(rows[:, None] == j, dkj[None, :], 0.0)
-        return A, dq, dk
+        whole = tl.min(b_last, 0) >= -2.0 * FAST_RANGE
+        slow = _is_slow(b, rows, BT, BC, FAST_RANGE) & (tl.min(b_last, 0) < -2.0 * FAST_RANGE)
+        n_sub = tl.where(whole, 1, BT // BC)
+        size = tl.where(whole, BT, BC)
+        own = tl.where(slow, 0, size)  # how many of its own rows a block takes as keys in the matmul
+        return whole, slow, n_sub, size, own
 
     @triton.jit
-    def _pairs(qs, k, b, b_last, dA, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-               BC: tl.constexpr, FAST_RANGE: tl.constexpr, NEED_A: tl.constexpr, NEED_GRAD: tl.constexpr):
-        """Strictly lower pairs (A, dq, dk as in `_intra`) of one key block, plus A's diagonal."""
-        if tl.min(b_last, 0) >= -2.0 * FAST_RANGE:
-            mid = 0.5 * b_last
-            eq = tl.exp(b - mid[None, :])
-            ek = tl.exp(mid[None, :] - b)
-            Qf = (qs * eq).to(DT)
-            Kf = (k * ek).to(DT)
-            A = tl.zeros([BT, BT], dtype=tl.float32)
-            dq = tl.zeros_like(qs)
-            dk = tl.zeros_like(qs)
-            if NEED_A:
-                # The upper triangle may overflow to inf: it is discarded here, never summed.
-                A = tl.where(rows[:, None] > rows[None, :], tl.dot(Qf, tl.trans(Kf), input_precision=PREC), 0.0)
-            if NEED_GRAD:
-                dAl = dA.to(DT)
-                dq = eq * tl.dot(dAl, Kf, input_precision=PREC)
-                dk = ek * tl.dot(tl.trans(dAl), Qf, input_precision=PREC)
-        else:
-            slow = _is_slow(b, rows, BT, BC, FAST_RANGE)
-            A, dq, dk = _intra(qs, k, b, dA, rows, slow, DT, PREC, BT, BC, NEED_A, NEED_GRAD)
-        if NEED_A:
-            A += tl.where(rows[:, None] == rows[None, :], tl.sum(qs * k, 1)[:, None], 0.0)
-        return A, dq, dk
+    def _block(qs, k, b, b_last, rows, whole, s, size, own, DT: tl.constexpr):
+        """Matmul factors of row block s: (q exp(b - ref)) and (k exp(ref - b)), both in range."""
+        lo = s * size
+        before = tl.sum(tl.where(rows[:, None] == lo - 1, b, 0.0), 0)  # 0 before the chunk
+        ref = tl.where(whole, 0.5 * b_last, before)
+        in_s = (rows >= lo) & (rows < lo + size)
+        keys = rows < lo + own
+        eq = tl.exp(tl.where(in_s[:, None], b - ref[None, :], float("-inf")))
+        ek = tl.exp(tl.where(keys[:, None], ref[None, :] - b, float("-inf")))
+        pair = in_s[:, None] & (rows[:, None] > rows[None, :])
+        return eq, ek, (qs * eq).to(DT), (k * ek).to(DT), pair
+
+    @triton.jit
+    def _near(b, k, rows, j, BC: tl.constexpr):
+        """Slow path, key j: exp(b_i - b_j) for the rows i > j of its sub-block (else 0), and k_j."""
+        bj = _row(b, rows, j)
+        near = ((rows // BC) == (j // BC)) & (rows > j)
+        return tl.exp(tl.where(near[:, None], b - bj[None, :], float("-inf"))), _row(k, rows, j)
+
+    @triton.jit
+    def _pairs_A(qs, k, b, b_last, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                 BC: tl.constexpr, FAST_RANGE: tl.constexpr):
+        """A[i, j] = sum_k qs_i k_j exp(b_i - b_j) for j <= i of one key block (qs = scale * q,
+        k, b: [BT, BK] fp32); the diagonal summed in fp32, never rounded to the matmul dtype."""
+        whole, slow, n_sub, size, own = _path(b, b_last, rows, BT, BC, FAST_RANGE)
+        A = tl.where(rows[:, None] == rows[None, :], tl.sum(qs * k, 1)[:, None], 0.0)
+        for s in range(0, n_sub):
+            eq, ek, Qs, Ks, pair = _block(qs, k, b, b_last, rows, whole, s, size, own, DT)
+            # Products outside `pair` may overflow to inf: they are discarded, never summed.
+            A += tl.where(pair, tl.dot(Qs, tl.trans(Ks), input_precision=PREC), 0.0)
+        if slow:
+            for j in range(0, BT):
+                E, kj = _near(b, k, rows, j, BC)
+                col = tl.sum(qs * kj[None, :] * E, 1)
+                A += tl.where(rows[None, :] == j, col[:, None], 0.0)
+        return A
+
+    @triton.jit
+    def _pairs_grad(qs, k, b, b_last, dA, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                    BC: tl.constexpr, FAST_RANGE: tl.constexpr):
+        """Through the pairs j < i (dA strictly lower, [BT, BT]) of one key block:
+        dq[i] = sum_j dA_ij k_j exp(b_i - b_j),  dk[j] = sum_i dA_ij qs_i exp(b_i - b_j)."""
+        whole, slow, n_sub, size, own = _path(b, b_last, rows, BT, BC, FAST_RANGE)
+        dq = tl.zeros_like(qs)
+        dk = tl.zeros_like(qs)
+        for s in range(0, n_sub):
+            eq, ek, Qs, Ks, pair = _block(qs, k, b, b_last, rows, whole, s, size, own, DT)
+            dAs = tl.where(pair, dA, 0.0).to(DT)
+            dq += eq * tl.dot(dAs, Ks, input_precision=PREC)
+            dk += ek * tl.dot(tl.trans(dAs), Qs, input_precision=PREC)
+        if slow:
+            for j in range(0, BT):
+                E, kj = _near(b, k, rows, j, BC)
+                dAj = tl.sum(tl.where(rows[None, :] == j, dA, 0.0), 1)
+                dq += dAj[:, None] * kj[None, :] * E
+                dkj = tl.sum(dAj[:, None] * qs * E, 0)
+                dk += tl.where(rows[:, None] == j, dkj[None, :], 0.0)
+        return dq, dk
 
     @triton.jit
     def _state_kernel(
@@ -347,6 +344,8 @@ if triton is not None:
         """
         ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
+        # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
+        scale = tl.cast(scale, tl.float32)
         rows = tl.arange(0, BT)
         ck = ik * BS + tl.arange(0, BS)
         cv = iv * BS + tl.arange(0, BS)
@@ -366,24 +365,33 @@ if triton is not None:
             tl.store(states + (bh * NT + n) * K * V + state_off, h.to(states.dtype.element_ty))
             gc = _load_tile(g + offk, t0, T, H * K, rows, ck)  # rows past T: g = 0 (decay 1, key 0)
             vc = _load_tile(v + offv, t0, T, H * V, rows, cv)
+            b = tl.cumsum(gc, 0)
+            b_last = tl.sum(gc, 0)
             if REVERSE:
-                x = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale * tl.exp(tl.cumsum(gc, 0))
+                x = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale * tl.exp(b)
             else:
-                after = tl.cumsum(gc, 0, reverse=True) - gc  # b_last - b: the decay still to come
-                x = -_expm1(gc) * tl.exp(after)
-            h = tl.exp(tl.sum(gc, 0))[:, None] * h + tl.dot(tl.trans(x.to(DT)), vc.to(DT), input_precision=PREC)
+                x = -_expm1(gc) * tl.exp(b_last[None, :] - b)
+            h = tl.exp(b_last)[:, None] * h + tl.dot(tl.trans(x.to(DT)), vc.to(DT), input_precision=PREC)
         tl.store(hT + bh * K * V + state_off, h)
 
     @triton.jit
-    def _fwd_kernel(
+    def _out_kernel(
         q, g, v, states, o,  # q, g [B, T, H, K]; v, o [B, T, H, V]; states [B*H, NT, K, V]
         T, H, scale,
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
+        DV: tl.constexpr,
     ):
-        """o = (scale q exp(b)) @ h_start + A @ v for one chunk and BVO value channels."""
+        """One chunk, BVO value channels; A built over key blocks in registers, never stored.
+
+        forward:   o  = (scale q exp(b)) @ h_start        + A   @ v     (states: chunk starts)
+        DV:        dv = (k exp(b_last - b)) @ dh_end      + A^T @ do    (v is do, o is dv,
+                                                                          states: end gradients)
+        """
         n, bh, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
+        # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
+        scale = tl.cast(scale, tl.float32)
         t0 = n * BT
         rows = tl.arange(0, BT)
         cv = iv * BVO + tl.arange(0, BVO)
@@ -397,72 +405,82 @@ if triton is not None:
             qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
             gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
             b = tl.cumsum(gc, 0)
-            Ab, _, _ = _pairs(qs, -_expm1(gc), b, tl.sum(gc, 0), A, rows,
-                              DT, PREC, BT, BC, FAST_RANGE, True, False)
-            A += Ab
+            b_last = tl.sum(gc, 0)
+            k = -_expm1(gc)
+            A += _pairs_A(qs, k, b, b_last, rows, DT, PREC, BT, BC, FAST_RANGE)
+            if DV:
+                x = k * tl.exp(b_last[None, :] - b)
+            else:
+                x = qs * tl.exp(b)
             h = tl.load(st + ck[:, None] * V + cv[None, :])
-            oc += tl.dot((qs * tl.exp(b)).to(DT), h.to(DT), input_precision=PREC)
-        vc = _load_tile(v + offv, t0, T, H * V, rows, cv)
-        oc += tl.dot(A.to(DT), vc.to(DT), input_precision=PREC)
+            oc += tl.dot(x.to(DT), h.to(DT), input_precision=PREC)
+        vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
+        if DV:
+            oc += tl.dot(tl.trans(A.to(DT)), vc, input_precision=PREC)
+        else:
+            oc += tl.dot(A.to(DT), vc, input_precision=PREC)
         _store_tile(o + offv, oc, t0, T, H * V, rows, cv)
 
     @triton.jit
-    def _bwd_kernel(
+    def _dqg_kernel(
         q, g, v, do,  # [B, T, H, K] / [B, T, H, V]
         states, dstates,  # [B*H, NT, K, V]: chunk-start states; gradients of chunk-end states
-        dq, dg, dv,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32, [B, T, H, V]
+        dq, dg,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32
         T, H, scale,
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-        DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr, FAST_RANGE: tl.constexpr,
+        BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
+        FAST_RANGE: tl.constexpr,
     ):
-        """dq, dg and dv of one chunk (formulas in chunk_hgrn2_bwd_ref), key block by key block."""
-        n, bh = tl.program_id(0), tl.program_id(1)
+        """dq and dg of one chunk and BK key channels (formulas in chunk_hgrn2_bwd_ref): every
+        term is separable over the key channels."""
+        n, bh, ik = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
+        # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
+        scale = tl.cast(scale, tl.float32)
         t0 = n * BT
         rows = tl.arange(0, BT)
-        cv = tl.arange(0, V)
+        ck = ik * BK + tl.arange(0, BK)
         offk = (bh // H) * T * H * K + (bh % H) * K
         offv = (bh // H) * T * H * V + (bh % H) * V
         st = states + (bh * NT + n) * K * V
         dst = dstates + (bh * NT + n) * K * V
-        vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
-        doc = _load_tile(do + offv, t0, T, H * V, rows, cv).to(DT)
-        dA = tl.dot(doc, tl.trans(vc), input_precision=PREC)
-        # Pairs j < i through _pairs; the diagonal (decay exp(0) = 1) on its own, so that dg below
+        dA = tl.zeros([BT, BT], dtype=tl.float32)
+        dq_h = tl.zeros([BT, BK], dtype=tl.float32)  # do @ h_start^T
+        dk_h = tl.zeros([BT, BK], dtype=tl.float32)  # v @ dh_end^T
+        outside = tl.zeros([BK], dtype=tl.float32)  # rowsum(dh_end * h_start)
+        for iv in range(0, V // BV):
+            cv = iv * BV + tl.arange(0, BV)
+            vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
+            doc = _load_tile(do + offv, t0, T, H * V, rows, cv).to(DT)
+            h = tl.load(st + ck[:, None] * V + cv[None, :])
+            dh = tl.load(dst + ck[:, None] * V + cv[None, :])
+            dA += tl.dot(doc, tl.trans(vc), input_precision=PREC)
+            dq_h += tl.dot(doc, tl.trans(h.to(DT)), input_precision=PREC)
+            dk_h += tl.dot(vc, tl.trans(dh.to(DT)), input_precision=PREC)
+            outside += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 1)
+        qc = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32)
+        gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
+        b = tl.cumsum(gc, 0)
+        b_last = tl.sum(gc, 0)
+        k = -_expm1(gc)
+        qs = qc * scale
+        # Pairs j < i through _pairs_grad; the diagonal (decay exp(0) = 1) on its own, so that dg below
         # never cancels it (see chunk_hgrn2_bwd_ref).
         diag = tl.sum(tl.where(rows[:, None] == rows[None, :], dA, 0.0), 1)
         dA = tl.where(rows[:, None] > rows[None, :], dA, 0.0)
+        dq_in, dk_in = _pairs_grad(qs, k, b, b_last, dA, rows, DT, PREC, BT, BC, FAST_RANGE)
+        dq_h = scale * tl.exp(b) * dq_h
+        dk_h = tl.exp(b_last[None, :] - b) * dk_h
+        dqc = dq_h + scale * (dq_in + diag[:, None] * k)
+        dkc = dk_h + dk_in + diag[:, None] * qs
+        # sum over j < t of k_j dk_h_j: a strictly lower-triangular matmul instead of an inclusive
+        # cumsum minus the row (which would cancel when the row dominates).
         before = (rows[:, None] > rows[None, :]).to(tl.float32)
-        A = tl.zeros([BT, BT], dtype=tl.float32)
-        dvc = tl.zeros([BT, V], dtype=tl.float32)
-        for kb in range(0, K // BK):
-            ck = kb * BK + tl.arange(0, BK)
-            qc = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32)
-            gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
-            b = tl.cumsum(gc, 0)
-            b_last = tl.sum(gc, 0)
-            k = -_expm1(gc)
-            qs = qc * scale
-            Ab, dq_in, dk_in = _pairs(qs, k, b, b_last, dA, rows, DT, PREC, BT, BC, FAST_RANGE, True, True)
-            A += Ab
-            h = tl.load(st + ck[:, None] * V + cv[None, :])
-            dh = tl.load(dst + ck[:, None] * V + cv[None, :])
-            outside = tl.sum(h.to(tl.float32) * dh.to(tl.float32), 1)  # rowsum(dh_end * h_start)
-            to_end = tl.exp(b_last[None, :] - b)
-            dq_h = scale * tl.exp(b) * tl.dot(doc, tl.trans(h.to(DT)), input_precision=PREC)
-            dk_h = to_end * tl.dot(vc, tl.trans(dh.to(DT)), input_precision=PREC)
-            dvc += tl.dot((k * to_end).to(DT), dh.to(DT), input_precision=PREC)
-            dqc = dq_h + scale * (dq_in + diag[:, None] * k)
-            dkc = dk_h + dk_in + diag[:, None] * qs
-            # sum over j < t of k_j dk_h_j: a strictly lower-triangular matmul instead of an
-            # inclusive cumsum minus the row (which would cancel when the row dominates).
-            keys_before = tl.dot(before, k * dk_h, input_precision=PREC32)
-            later = tl.cumsum(qc * (dq_h + scale * dq_in) - k * dk_in, 0, reverse=True)
-            dgc = tl.exp(b_last)[None, :] * outside[None, :] + keys_before + later - tl.exp(gc) * dkc
-            _store_tile(dq + offk, dqc, t0, T, H * K, rows, ck)
-            _store_tile(dg + offk, dgc, t0, T, H * K, rows, ck)
-        dvc += tl.dot(tl.trans(A.to(DT)), doc, input_precision=PREC)
-        _store_tile(dv + offv, dvc, t0, T, H * V, rows, cv)
+        keys_before = tl.dot(before, k * dk_h, input_precision=PREC32)
+        later = tl.cumsum(qc * (dq_h + scale * dq_in) - k * dk_in, 0, reverse=True)
+        dgc = tl.exp(b_last)[None, :] * outside[None, :] + keys_before + later - tl.exp(gc) * dkc
+        _store_tile(dq + offk, dqc, t0, T, H * K, rows, ck)
+        _store_tile(dg + offk, dgc, t0, T, H * K, rows, ck)
 
 
 def _interpreting() -> bool:
@@ -485,11 +503,20 @@ def _dot_config(dtype: torch.dtype):
 
 
 # Launch configuration, fixed rather than autotuned (autotune inside a triton_op fights compile).
+# Every shape runs the configuration checked over all K, V in the shape sweep
+# (benchmarks/check_shapes.py); FAST overrides it for K = V = 128 in bf16, where it was checked too.
+# Larger key blocks at V = 16 gave wrong bf16 outputs (K = 256, out_bk 128) and an illegal address
+# (dqg_bk 64) on the H100 with Triton 3.6: keep overrides to the shapes they were checked at.
 CONFIG = {
-    "state_bs": 64, "state_warps": 4, "state_stages": 2, "min_programs": 264,
-    "fwd_bk": 64, "fwd_bv": 128, "fwd_warps": 8,
-    "bwd_bk": 32, "bwd_warps": 8,
+    "state_bs": 64, "state_warps": 4, "state_stages": 3, "min_programs": 128,
+    "out_bk": 64, "out_bv": 128, "out_warps": 8,
+    "dqg_bk": 32, "dqg_warps": 4,
 }
+FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 8}}
+
+
+def _cfg(q: torch.Tensor, v: torch.Tensor, key: str):
+    return FAST.get((q.shape[-1], v.shape[-1], q.dtype), {}).get(key, CONFIG[key])
 
 
 def _run_states(q, g, x, h0, reverse, scale):
@@ -514,22 +541,27 @@ def _run_states(q, g, x, h0, reverse, scale):
     return states, hT
 
 
-def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
-    """Triton forward. q, g [B, T, H, K] (g fp32), v [B, T, H, V]; returns o, final state fp32."""
+def _run_out(q, g, v, states, scale, dv):
+    """o (or dv, from do and the state gradients) through _out_kernel."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    DT, PREC, _ = _dot_config(q.dtype)
+    out = torch.empty_like(v)
+    BK, BVO = min(K, _cfg(q, v, "out_bk")), min(V, CONFIG["out_bv"])
+    _launch(_out_kernel)[(triton.cdiv(T, _BT), B * H, V // BVO)](
+        q, g, v, states, out, T, H, scale,
+        K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, DV=dv,
+        num_warps=_cfg(q, v, "out_warps"), num_stages=1,
+    )
+    return out
+
+
+def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
+    """Triton forward. q, g [B, T, H, K] (g fp32), v [B, T, H, V]; returns o, final state fp32."""
     q, g, v = q.contiguous(), g.contiguous(), v.contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
-    DT, PREC, _ = _dot_config(q.dtype)
     states, hT = _run_states(q, g, v, h0, False, scale)
-    o = torch.empty_like(v)
-    BK, BVO = min(K, CONFIG["fwd_bk"]), min(V, CONFIG["fwd_bv"])
-    _launch(_fwd_kernel)[(triton.cdiv(T, _BT), B * H, V // BVO)](
-        q, g, v, states, o, T, H, scale,
-        K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE,
-        num_warps=CONFIG["fwd_warps"], num_stages=1,
-    )
-    return o, hT
+    return _run_out(q, g, v, states, scale, False), hT
 
 
 def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale):
@@ -542,10 +574,15 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale):
     DT, PREC, PREC32 = _dot_config(q.dtype)
     states, _ = _run_states(q, g, v, h0, False, scale)
     dstates, dh0 = _run_states(q, g, do, dht.contiguous() if dht is not None else None, True, scale)
-    dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
-    _launch(_bwd_kernel)[(triton.cdiv(T, _BT), B * H)](
-        q, g, v, do, states, dstates, dq, dg, dv, T, H, scale,
-        K=K, V=V, BT=_BT, BC=_BC, BK=min(K, CONFIG["bwd_bk"]), DT=DT, PREC=PREC, PREC32=PREC32,
-        FAST_RANGE=_FAST_RANGE, num_warps=CONFIG["bwd_warps"], num_stages=1,
+    dv = _run_out(q, g, do, dstates, scale, True)
+    dq, dg = torch.empty_like(q), torch.empty_like(g)
+    # State tiles [BK, BV] with BK < BV faulted (illegal address) or gave wrong bf16 results on the
+    # H100 with Triton 3.6, so BV = BK.
+    BK = min(K, _cfg(q, v, "dqg_bk"))
+    BV = min(V, BK)
+    _launch(_dqg_kernel)[(triton.cdiv(T, _BT), B * H, K // BK)](
+        q, g, v, do, states, dstates, dq, dg, T, H, scale,
+        K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=BV, DT=DT, PREC=PREC, PREC32=PREC32, FAST_RANGE=_FAST_RANGE,
+        num_warps=_cfg(q, v, "dqg_warps"), num_stages=1,
     )
     return dq, dg, dv, dh0

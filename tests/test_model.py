@@ -517,16 +517,27 @@ def test_math_of_lower_bound_at_init():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_training_step_equals_eager_cuda(dtype):
     """On the GPU the op runs the Triton kernels: a compiled (fullgraph) loss and its gradients
-    equal eager. fp32 kernels use FMA matmuls, so fp32 agrees to rounding; bf16 within its own
-    rounding."""
-    model = randomized(small_config(expand_ratio=32, hidden_size=128), seed=3).cuda().to(dtype)
+    equal eager. fp32 kernels use FMA matmuls, so fp32 agrees to rounding (1e-4). In bf16 compiled
+    and eager round differently (Inductor fuses the elementwise ops around the op), so both are
+    measured against the same model in fp32: compiled must be as accurate as eager (within 1.5x
+    of eager's own bf16 error, which is itself checked to be bf16-sized)."""
+    model = randomized(small_config(expand_ratio=32, hidden_size=128), seed=3).cuda()
     ids = torch.randint(0, model.config.vocab_size, (2, 150), device="cuda")
-    params = [p for p in model.parameters() if p.requires_grad]
-    eager_loss = model(ids, labels=ids).loss
-    eager = torch.autograd.grad(eager_loss, params)
-    compiled_loss = torch.compile(model, fullgraph=True)(ids, labels=ids).loss
-    compiled = torch.autograd.grad(compiled_loss, params)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    assert rel_err(compiled_loss, eager_loss) <= tol
-    errs = [rel_err(c, e) for c, e in zip(compiled, eager)]
-    assert max(errs) <= tol, errs
+
+    def loss_and_grads(m):
+        params = [p for p in m.parameters() if p.requires_grad]
+        loss = m(ids, labels=ids).loss
+        return [loss.float()] + [x.float() for x in torch.autograd.grad(loss, params)]
+
+    ref = loss_and_grads(model)  # fp32 eager
+    model = model.to(dtype)
+    eager = loss_and_grads(model)
+    compiled = loss_and_grads(torch.compile(model, fullgraph=True))
+    if dtype == torch.float32:
+        errs = [rel_err(c, e) for c, e in zip(compiled, eager)]
+        assert max(errs) <= 1e-4, errs
+    else:
+        eager_err = max(rel_err(e, r) for e, r in zip(eager, ref))
+        compiled_err = max(rel_err(c, r) for c, r in zip(compiled, ref))
+        assert eager_err <= 5e-2, eager_err
+        assert compiled_err <= 1.5 * eager_err, (compiled_err, eager_err)

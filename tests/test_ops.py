@@ -182,7 +182,9 @@ def test_long_sequence_strong_decay_cuda(K, V):
     o_ref, hT_ref = chunk_hgrn2_fwd_ref(q.double(), g.double(), v.double(), None, K**-0.5)
     grads_ref = chunk_hgrn2_bwd_ref(q.double(), g.double(), v.double(), None, do.double(), None, K**-0.5)
     for dtype in (torch.float32, torch.bfloat16):
-        leaves = [q.to(dtype).requires_grad_(), g.clone().requires_grad_(), v.to(dtype).requires_grad_()]
+        # fresh leaves per dtype (q.to(float32) would be q itself, and then not a leaf the second time)
+        leaves = [x.detach().to(dtype).clone().requires_grad_() for x in (q, g, v)]
+        leaves[1] = g.detach().clone().requires_grad_()
         o, hT = chunk_hgrn2(*leaves)
         o.backward(do.to(dtype))
         for name, got, want in [("o", o, o_ref), ("hT", hT, hT_ref)] + list(

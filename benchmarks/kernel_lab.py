@@ -1,0 +1,55 @@
+"""Each Triton kernel of the op on its own, over launch configurations: registers, spills and
+do_bench median time (device machine). For choosing CONFIG, not a benchmark of the op.
+
+    python benchmarks/kernel_lab.py [B T H K]
+"""
+
+import itertools
+import sys
+
+import torch
+import torch.nn.functional as F
+from hgrn2mini.kernels import chunk as C
+from triton.testing import do_bench
+
+B, T, H, K = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 2048, 8, 128)
+V = K
+dev = "cuda"
+q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
+v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
+do = torch.randn_like(v)
+g = F.logsigmoid(torch.randn(B, T, H, K, device=dev))
+s = K**-0.5
+NT = (T + 63) // 64
+DT, PREC, PREC32 = C._dot_config(q.dtype)
+states = torch.randn(B * H, NT, K, V, device=dev, dtype=q.dtype)
+dstates = torch.randn_like(states)
+hT = torch.empty(B, H, K, V, device=dev)
+o = torch.empty_like(v)
+dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
+
+
+def report(name, cfg, launch):
+    try:
+        k = launch()
+        ms = do_bench(launch, warmup=10, rep=50, return_mode="median")
+        print(f"{name:6s} {cfg} regs {getattr(k, 'n_regs', '?')} spills {getattr(k, 'n_spills', '?')} {ms:.4f} ms", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(name, cfg, "failed", str(e)[:200], flush=True)
+
+
+for BS, warps, stages, rev in itertools.product([32, 64], [4, 8], [1, 3], [False, True]):
+    x = do if rev else v
+    report("state", dict(BS=BS, warps=warps, stages=stages, rev=rev), lambda: C._state_kernel[(K // BS, V // BS, B * H)](
+        q, g, x, hT, states, hT, T, H, s, K=K, V=V, BT=64, BS=BS, DT=DT, PREC=PREC, REVERSE=rev, HAS_H0=False,
+        num_warps=warps, num_stages=stages))
+
+for BK, BVO, warps, dv_ in itertools.product([32, 64, 128], [64, 128], [4, 8], [False, True]):
+    report("out", dict(BK=BK, BVO=BVO, warps=warps, dv=dv_), lambda: C._out_kernel[(NT, B * H, V // BVO)](
+        q, g, v, states, o, T, H, s, K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC,
+        FAST_RANGE=C._FAST_RANGE, DV=dv_, num_warps=warps, num_stages=1))
+
+for BK, warps in itertools.product([16, 32, 64], [4, 8]):
+    report("dqg", dict(BK=BK, warps=warps), lambda: C._dqg_kernel[(NT, B * H, K // BK)](
+        q, g, v, do, states, dstates, dq, dg, T, H, s, K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC,
+        PREC32=PREC32, FAST_RANGE=C._FAST_RANGE, num_warps=warps, num_stages=1))
