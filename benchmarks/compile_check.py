@@ -1,3 +1,10 @@
+"""Compile (fullgraph) a forward + backward through the op and print the whole error if it fails
+(Inductor reports a Triton compile error from a worker with the useful part cut off; run with
+TORCHINDUCTOR_COMPILE_THREADS=1 to get it in full). Device machine:
+
+    TORCHINDUCTOR_COMPILE_THREADS=1 python benchmarks/compile_check.py
+"""
+
 import traceback, torch
 from hgrn2mini.ops import chunk_hgrn2
 q = torch.randn(2, 130, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)

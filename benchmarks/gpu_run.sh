@@ -1,25 +1,57 @@
 #!/usr/bin/env bash
-# One call on the device machine: carried wheels (fla), the chunk benchmark, the GPU tests.
-#   device run: bash benchmarks/gpu_run.sh [bench|tests|all]   (carry .whl for fla)
+# One call on the device machine: correctness first, then speed.
+#   device run: bash benchmarks/gpu_run.sh [check|bench|sweep|all]     (carry .whl for fla)
+#
+# check: the shape sweep (one process per shape: a faulting kernel poisons its CUDA context) and
+#        the GPU tests, split over parallel pytest processes. Triton compiles each kernel variant
+#        on the CPU, and one process runs them one after another: in parallel the whole set takes
+#        ~3 min instead of over 10. Each process logs to $OUT/t_<name>.log.
+# bench: bench_chunk.py (ours, SDPA, fla side by side), alone on the GPU.
+# sweep: sweep_configs.py (ours at every shape).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+SITE=""
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+    && SITE=/tmp/site
 fi
 # The package without installing it: hgrn2mini/ with kernels/ linked in as hgrn2mini.kernels.
 rm -rf /tmp/shim && mkdir -p /tmp/shim/hgrn2mini
 for f in "$PWD"/hgrn2mini/*.py; do ln -s "$f" /tmp/shim/hgrn2mini/; done
 ln -s "$PWD/kernels" /tmp/shim/hgrn2mini/kernels
-export PYTHONPATH="/tmp/shim:${PYTHONPATH:-}"
-(cd /tmp && python3 -c "import torch, triton, hgrn2mini; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())")
+export PYTHONPATH=/tmp/shim
+P="python3 -P"
+$P -c "import torch, triton, hgrn2mini; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 what=${1:-all}
-if [[ $what == bench || $what == all ]]; then
-  python3 benchmarks/bench_chunk.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+
+if [[ $what == check || $what == all ]]; then
+  i=0
+  for s in "128 128 bfloat16" "16 16 bfloat16" "32 128 bfloat16" "64 64 bfloat16" "128 16 bfloat16" \
+           "16 256 bfloat16" "256 256 bfloat16" "256 16 bfloat16" "64 256 bfloat16" "64 16 bfloat16" \
+           "128 128 float32" "16 64 float32" "64 16 float32"; do
+    i=$((i + 1)); timeout 150 $P benchmarks/check_shapes.py $s > "$OUT/shape_$i.log" 2>&1 &
+  done
+  wait
+  tail -q -n 1 "$OUT"/shape_*.log | tee "$OUT/shapes.txt"
+  run() { local name=$1; shift
+    timeout 400 $P -m pytest -v -p no:warnings --tb=short -rA -p no:cacheprovider "$@" > "$OUT/t_$name.log" 2>&1 & }
+  run fp32 -m gpu tests/test_ops.py -k naive_loop_cuda_fp32
+  run bf16 -m gpu tests/test_ops.py -k naive_loop_cuda_bf16
+  run ops_misc -m gpu tests/test_ops.py -k "opcheck or compile"
+  run long1 -m gpu tests/test_ops.py -k "long_sequence and 128-128"
+  run long2 -m gpu tests/test_ops.py -k "long_sequence and 64-256"
+  run long3 -m gpu tests/test_ops.py -k "long_sequence and 256-16"
+  run model -m gpu tests/test_model.py
+  run kernels tests/test_kernels.py
+  wait
+  for f in "$OUT"/t_*.log; do
+    echo "== $f"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error|assert" "$f" | head -12
+  done | tee "$OUT/tests.txt"
 fi
-if [[ $what == tests || $what == all ]]; then
-  export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
-  python3 -P -m pytest -q -m gpu tests/ -p no:warnings --durations=10 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-  python3 -P -m pytest -q tests/test_kernels.py -p no:warnings -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu_tests.log"
+if [[ $what == bench || $what == all ]]; then
+  PYTHONPATH="/tmp/shim${SITE:+:$SITE}" $P benchmarks/bench_chunk.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+fi
+if [[ $what == sweep || $what == all ]]; then
+  $P benchmarks/sweep_configs.py 2>&1 | tee "$OUT/sweep.log"
 fi

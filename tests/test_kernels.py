@@ -56,3 +56,28 @@ def test_triton_kernels_without_final_state_gradient(gate):
     want = C.chunk_hgrn2_bwd_ref(q.double(), g.double(), v.double(), None, do.double(), None, 0.25)
     for a, b in zip(got, want):
         assert rel_err(a, b) <= TOL
+
+
+# Several key blocks per program (the forward / dv kernel takes 64 key channels at a time, dq/dg
+# 32) and each in-chunk path: one reference per chunk (moderate gates), 16-row sub-blocks (a chunk
+# decaying by more than e^120), pair by pair (a sub-block decaying by more than e^60).
+@pytest.mark.parametrize(
+    "K, V, T, gate",
+    [(128, 16, 70, "moderate"), (64, 32, 150, "decay3"), (64, 64, 100, "strong_decay")],
+)
+def test_triton_kernels_key_blocks_and_paths(K, V, T, gate):
+    torch.manual_seed(2)
+    B, H = 1, 2
+    q, v = torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+    do, h0, dht = torch.randn(B, T, H, V), torch.randn(B, H, K, V), torch.randn(B, H, K, V)
+    if gate == "strong_decay":
+        g = -30 * torch.rand(B, T, H, K)
+    else:
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) - (3 if gate == "decay3" else 0))
+    q, g, v, do, h0, dht = (x.to(DEVICE) for x in (q, g, v, do, h0, dht))
+    got = C.chunk_hgrn2_fwd(q, g, v, h0, 0.3) + C.chunk_hgrn2_bwd(q, g, v, h0, do, dht, 0.3)
+    d = [x.double() for x in (q, g, v, h0)]
+    want = C.chunk_hgrn2_fwd_ref(*d, 0.3) + C.chunk_hgrn2_bwd_ref(*d, do.double(), dht.double(), 0.3)
+    names = ["o", "final_state", "dq", "dg", "dv", "dh0"]
+    errs = {n: rel_err(a, b) for n, a, b in zip(names, got, want)}
+    assert all(e <= TOL for e in errs.values()), errs
