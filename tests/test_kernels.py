@@ -61,11 +61,14 @@ def test_triton_kernels_without_final_state_gradient(gate):
 # Several key blocks per program (the forward / dv kernel takes 64 key channels at a time, dq/dg
 # 32) and each in-chunk path: one reference per chunk (moderate gates), 16-row sub-blocks (a chunk
 # decaying by more than e^120), pair by pair (a sub-block decaying by more than e^60).
+# Both forms of the path choice (CONFIG["lazy_path"]) give the same numbers.
+@pytest.mark.parametrize("lazy", [False, True], ids=["branch_free", "lazy"])
 @pytest.mark.parametrize(
     "K, V, T, gate",
     [(128, 16, 70, "moderate"), (64, 32, 150, "decay3"), (64, 64, 100, "strong_decay")],
 )
-def test_triton_kernels_key_blocks_and_paths(K, V, T, gate):
+def test_triton_kernels_key_blocks_and_paths(K, V, T, gate, lazy, monkeypatch):
+    monkeypatch.setitem(C.CONFIG, "lazy_path", lazy)
     torch.manual_seed(2)
     B, H = 1, 2
     q, v = torch.randn(B, T, H, K), torch.randn(B, T, H, V)
