@@ -1,0 +1,66 @@
+"""Registers and stack (spill) bytes per thread of the Triton kernels, compiled for sm_90 on a
+machine without a GPU (Triton ships ptxas and cuobjdump). A proxy for register pressure between
+device sessions: the device's Triton may allocate differently (on 2026-11-24, Triton 3.9 here
+reported stack frames where the H100's Triton 3.6 reported no spills for the same state kernel).
+
+    python benchmarks/offline_regs.py [state] [out] [dqg]     (K = V = 128, bf16)
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.backends.nvidia
+import triton.language as tl
+from hgrn2mini.kernels import chunk as C
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
+K = V = 128
+DT, PREC = tl.bfloat16, "tf32"
+
+
+def usage(fn, types: dict, consts: dict, warps: int, stages: int = 1) -> str:
+    sig = {p: ("constexpr" if p in consts else types[p]) for p in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET,
+                            options={"num_warps": warps, "num_stages": stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", out)
+    return f"regs {m.group(1)}, stack {m.group(2)} B"
+
+
+def main():
+    what = set(sys.argv[1:]) or {"state", "out", "dqg"}
+    ptrs = dict(q="*bf16", g="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
+                dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", scale="fp32")
+    if "state" in what:
+        for BS, warps, stages, rev in [(64, 4, 3, False), (64, 4, 3, True), (32, 4, 3, False)]:
+            c = dict(K=K, V=V, BT=64, BS=BS, DT=DT, PREC=PREC, REVERSE=rev, HAS_H0=False)
+            print("state", dict(BS=BS, warps=warps, stages=stages, reverse=rev),
+                  usage(C._state_kernel, ptrs, c, warps, stages), flush=True)
+    if "out" in what:
+        for BK, BVO, warps in [(128, 128, 4), (64, 128, 8), (32, 128, 8)]:
+            for lazy in (False, True):
+                c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=60.0, DV=False,
+                         LAZY=lazy)
+                print("out", dict(BK=BK, BVO=BVO, warps=warps, lazy=lazy), usage(C._out_kernel, ptrs, c, warps),
+                      flush=True)
+    if "dqg" in what:
+        for BK, warps in [(64, 8), (32, 4), (16, 4)]:
+            for lazy in (False, True):
+                c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0,
+                         LAZY=lazy)
+                print("dqg", dict(BK=BK, warps=warps, lazy=lazy), usage(C._dqg_kernel, ptrs, c, warps), flush=True)
+
+
+if __name__ == "__main__":
+    main()
