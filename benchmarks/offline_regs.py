@@ -41,12 +41,17 @@ def usage(fn, types: dict, consts: dict, warps: int, stages: int = 1) -> str:
 def main():
     what = set(sys.argv[1:]) or {"state", "out", "dqg"}
     ptrs = dict(q="*bf16", g="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
-                dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", scale="fp32")
+                dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", scale="fp32", NSEG="i32",
+                decay="*fp32", seg_decay="*fp32", seg_end="*fp32", h_in="*fp32")
     if "state" in what:
-        for BS, warps, stages, rev in [(64, 4, 3, False), (64, 4, 3, True), (32, 4, 3, False)]:
-            c = dict(K=K, V=V, BT=64, BS=BS, DT=DT, PREC=PREC, REVERSE=rev, HAS_H0=False)
-            print("state", dict(BS=BS, warps=warps, stages=stages, reverse=rev),
+        for BS, warps, stages, rev, seg in [(64, 4, 3, False, False), (64, 4, 3, True, False), (32, 4, 3, False, False),
+                                            (64, 4, 3, False, True), (64, 4, 3, True, True)]:
+            c = dict(K=K, V=V, BT=64, BS=BS, DT=DT, PREC=PREC, REVERSE=rev, HAS_H0=True, SEGMENTED=seg)
+            print("state", dict(BS=BS, warps=warps, stages=stages, reverse=rev, segmented=seg),
                   usage(C._state_kernel, ptrs, c, warps, stages), flush=True)
+        for rev in (False, True):
+            print("segment", usage(C._segment_kernel, ptrs, dict(K=K, V=V, BS=64, REVERSE=rev), 4), flush=True)
+        print("fixup", usage(C._fixup_kernel, ptrs, dict(K=K, V=V, BT=64, BS=64), 4), flush=True)
     if "out" in what:
         for BK, BVO, warps in [(128, 128, 4), (64, 128, 8), (32, 128, 8)]:
             for lazy in (False, True):

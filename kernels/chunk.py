@@ -175,6 +175,9 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #   _dqg_kernel     grid (chunks, B*H, K/BK): reads q, g, v, do, states, state gradients; writes
 #                   dq, dg (fp32). Every term is separable over key channels; dA = do v^T is
 #                   recomputed by each key block's program (K/BK times).
+#   _segment_kernel, _fixup_kernel: with CONFIG max_segments > 1 (off by default, not yet
+#                   measured on the GPU), the walk is cut into segments walked in parallel where
+#                   B*H leaves SMs idle; the decay is diagonal, so joining them is elementwise.
 #   forward  = state (forward) + out;
 #   backward = state (forward, recomputed: the forward does not keep its states) + state (reverse)
 #              + out (DV) + dqg.
@@ -351,10 +354,12 @@ if triton is not None:
 
     @triton.jit
     def _state_kernel(
-        q, g, v, h0, states, hT,  # q, g [B, T, H, K]; v (or do) [B, T, H, V]; h0, hT [B, H, K, V] fp32
-        T, H, scale,  # states [B*H, NT, K, V] (out)
+        q, g, v, h0, states, hT,  # q, g [B, T, H, K]; v (or do) [B, T, H, V]; h0 [B, H, K, V] fp32
+        decay, seg_decay,  # SEGMENTED only: [B*H, NT, K], [B*H, NSEG, K] fp32 (out)
+        T, H, scale, NSEG,  # states [B*H, NT, K, V] (out); hT [B*H, NSEG, K, V] fp32 (out)
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
         DT: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
+        SEGMENTED: tl.constexpr,
     ):
         """Walks the chunks with one [BS, BS] tile of the state in fp32 registers.
 
@@ -363,9 +368,26 @@ if triton is not None:
         Each state is stored before the chunk updates it: states[n] is the state at the start of
         chunk n (forward) or the gradient at its end (reverse). The last goes to hT (the final
         state, or the gradient of the initial state).
+
+        SEGMENTED: the chunks are cut into NSEG segments walked in parallel, each from zero (the
+        first in walking order from h0); the states are then local to the segment, hT holds each
+        segment's end, and decay[n] the decay (per key channel) from the segment's start to
+        states[n], seg_decay the whole segment's. `_segment_kernel` and `_fixup_kernel` add what
+        came from earlier segments: the decay is diagonal, so that is decay[n] * (incoming state).
         """
-        ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        ik, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
+        if SEGMENTED:
+            bh = pid // NSEG
+            seg = pid % NSEG
+            per = tl.cdiv(NT, NSEG)
+            c0 = seg * per
+            c1 = tl.minimum(c0 + per, NT)
+        else:
+            bh = pid
+            seg = 0
+            c0 = 0
+            c1 = NT
         # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
         scale = tl.cast(scale, tl.float32)
         rows = tl.arange(0, BT)
@@ -376,25 +398,76 @@ if triton is not None:
         state_off = ck[:, None] * V + cv[None, :]
         if HAS_H0:
             h = tl.load(h0 + bh * K * V + state_off)
+            if SEGMENTED:  # only the segment walked first starts from h0
+                if REVERSE:
+                    h = tl.where(seg == NSEG - 1, h, 0.0)
+                else:
+                    h = tl.where(seg == 0, h, 0.0)
         else:
             h = tl.zeros([BS, BS], dtype=tl.float32)
-        for it in range(0, NT):
+        if SEGMENTED:
+            dcum = tl.full([BS], 1.0, dtype=tl.float32)
+        for it in range(0, c1 - c0):
             if REVERSE:
-                n = NT - 1 - it
+                n = c1 - 1 - it
             else:
-                n = it
+                n = c0 + it
             t0 = n * BT
             tl.store(states + (bh * NT + n) * K * V + state_off, h.to(states.dtype.element_ty))
             gc = _load_tile(g + offk, t0, T, H * K, rows, ck)  # rows past T: g = 0 (decay 1, key 0)
             vc = _load_tile(v + offv, t0, T, H * V, rows, cv)
             b = tl.cumsum(gc, 0)
             b_last = tl.sum(gc, 0)
+            if SEGMENTED:
+                tl.store(decay + (bh * NT + n) * K + ck, dcum, mask=ck + iv * K < K)  # one value tile stores it
+                dcum = dcum * tl.exp(b_last)
             if REVERSE:
                 x = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale * tl.exp(b)
             else:
                 x = -_expm1(gc) * tl.exp(b_last[None, :] - b)
             h = tl.exp(b_last)[:, None] * h + tl.dot(tl.trans(x.to(DT)), vc.to(DT), input_precision=PREC)
+        tl.store(hT + (bh * NSEG + seg) * K * V + state_off, h)
+        if SEGMENTED:
+            tl.store(seg_decay + (bh * NSEG + seg) * K + ck, dcum, mask=ck + iv * K < K)  # one value tile stores it
+
+    @triton.jit
+    def _segment_kernel(
+        seg_end, seg_decay, h_in, hT,  # [B*H, NSEG, K, V], [B*H, NSEG, K], [B*H, NSEG, K, V], [B*H, K, V]
+        NSEG, K: tl.constexpr, V: tl.constexpr, BS: tl.constexpr, REVERSE: tl.constexpr,
+    ):
+        """The state entering each segment (walking order), from the segments' ends and decays."""
+        ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        ck = ik * BS + tl.arange(0, BS)
+        cv = iv * BS + tl.arange(0, BS)
+        state_off = ck[:, None] * V + cv[None, :]
+        h = tl.zeros([BS, BS], dtype=tl.float32)
+        for it in range(0, NSEG):
+            if REVERSE:
+                s = NSEG - 1 - it
+            else:
+                s = it
+            tl.store(h_in + (bh * NSEG + s) * K * V + state_off, h)
+            d = tl.load(seg_decay + (bh * NSEG + s) * K + ck)
+            h = d[:, None] * h + tl.load(seg_end + (bh * NSEG + s) * K * V + state_off)
         tl.store(hT + bh * K * V + state_off, h)
+
+    @triton.jit
+    def _fixup_kernel(
+        states, decay, h_in,  # [B*H, NT, K, V] (in place), [B*H, NT, K], [B*H, NSEG, K, V] fp32
+        T, NSEG, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+    ):
+        """states[n] += decay[n] * (state entering n's segment): local states made global."""
+        n, bh, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        NT = tl.cdiv(T, BT)
+        s = n // tl.cdiv(NT, NSEG)
+        ck = (tile // (V // BS)) * BS + tl.arange(0, BS)
+        cv = (tile % (V // BS)) * BS + tl.arange(0, BS)
+        state_off = ck[:, None] * V + cv[None, :]
+        d = tl.load(decay + (bh * NT + n) * K + ck)
+        incoming = tl.load(h_in + (bh * NSEG + s) * K * V + state_off)
+        ptr = states + (bh * NT + n) * K * V + state_off
+        x = tl.load(ptr).to(tl.float32) + d[:, None] * incoming
+        tl.store(ptr, x.to(states.dtype.element_ty))
 
     @triton.jit
     def _out_kernel(
@@ -531,6 +604,8 @@ def _dot_config(dtype: torch.dtype):
 # (dqg_bk 64) on the H100 with Triton 3.6: keep overrides to the shapes they were checked at.
 CONFIG = {
     "state_bs": 64, "state_warps": 4, "state_stages": 3, "min_programs": 128,
+    # Segments of the state walk (see _state_kernel): 1 = off, what was measured on the GPU.
+    "max_segments": 1, "min_segment_chunks": 4,
     "out_bk": 64, "out_bv": 128, "out_warps": 8,
     "dqg_bk": 32, "dqg_warps": 4,
     # Branch around the sub-block scan of the in-chunk path (see _path). False is what was checked
@@ -552,18 +627,36 @@ def _run_states(q, g, x, h0, reverse, scale):
     V = x.shape[-1]
     NT = triton.cdiv(T, _BT)
     DT, PREC, _ = _dot_config(q.dtype)
-    states = torch.empty(B * H, NT, K, V, device=q.device, dtype=q.dtype)
-    hT = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    # State tiles with BK < BV faulted on the H100 with Triton 3.6: square tiles only. Smaller
-    # tiles where B * H alone would leave SMs idle (the walk is latency-bound per program).
+    dev = q.device
+    states = torch.empty(B * H, NT, K, V, device=dev, dtype=q.dtype)
+    hT = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
+    # The walk is latency-bound per program: where B * H alone leaves SMs idle, cut the sequence
+    # into segments walked in parallel (CONFIG max_segments) and then use smaller state tiles.
+    # State tiles with BK < BV faulted on the H100 with Triton 3.6: square tiles only.
     BS = min(K, V, CONFIG["state_bs"])
-    while BS > 16 and (K // BS) * (V // BS) * B * H < CONFIG["min_programs"]:
+    tiles = (K // BS) * (V // BS) * B * H
+    nseg = 1
+    while (nseg * 2 <= CONFIG["max_segments"] and tiles * nseg < CONFIG["min_programs"]
+           and NT >= 2 * nseg * CONFIG["min_segment_chunks"]):
+        nseg *= 2
+    while BS > 16 and (K // BS) * (V // BS) * B * H * nseg < CONFIG["min_programs"]:
         BS //= 2
-    _launch(_state_kernel)[(K // BS, V // BS, B * H)](
-        q, g, x, h0 if h0 is not None else hT, states, hT, T, H, scale,
-        K=K, V=V, BT=_BT, BS=BS, DT=DT, PREC=PREC, REVERSE=reverse, HAS_H0=h0 is not None,
-        num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"],
-    )
+    grid = (K // BS, V // BS, B * H * nseg)
+    common = dict(K=K, V=V, BT=_BT, BS=BS, DT=DT, PREC=PREC, REVERSE=reverse, HAS_H0=h0 is not None,
+                  num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])
+    h0_ = h0 if h0 is not None else hT
+    if nseg == 1:
+        _launch(_state_kernel)[grid](q, g, x, h0_, states, hT, hT, hT, T, H, scale, 1, SEGMENTED=False, **common)
+        return states, hT
+    seg_end = torch.empty(B * H, nseg, K, V, device=dev, dtype=torch.float32)
+    h_in = torch.empty_like(seg_end)
+    decay = torch.empty(B * H, NT, K, device=dev, dtype=torch.float32)
+    seg_decay = torch.empty(B * H, nseg, K, device=dev, dtype=torch.float32)
+    _launch(_state_kernel)[grid](q, g, x, h0_, states, seg_end, decay, seg_decay, T, H, scale, nseg,
+                                 SEGMENTED=True, **common)
+    _launch(_segment_kernel)[(K // BS, V // BS, B * H)](seg_end, seg_decay, h_in, hT, nseg, K=K, V=V, BS=BS,
+                                                        REVERSE=reverse)
+    _launch(_fixup_kernel)[(NT, B * H, (K // BS) * (V // BS))](states, decay, h_in, T, nseg, K=K, V=V, BT=_BT, BS=BS)
     return states, hT
 
 

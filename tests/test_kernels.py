@@ -84,3 +84,35 @@ def test_triton_kernels_key_blocks_and_paths(K, V, T, gate, lazy, monkeypatch):
     names = ["o", "final_state", "dq", "dg", "dv", "dh0"]
     errs = {n: rel_err(a, b) for n, a, b in zip(names, got, want)}
     assert all(e <= TOL for e in errs.values()), errs
+
+
+# The state walk cut into segments walked in parallel, then joined (CONFIG max_segments): forced
+# here on small shapes; uneven segments (10 and 11 chunks into 4), with and without states.
+@pytest.mark.parametrize("T, with_state, gate", [(600, True, "moderate"), (650, False, "strong_decay")])
+def test_triton_kernels_segmented_state_walk(T, with_state, gate, monkeypatch):
+    monkeypatch.setitem(C.CONFIG, "max_segments", 8)
+    monkeypatch.setitem(C.CONFIG, "min_segment_chunks", 1)
+    monkeypatch.setitem(C.CONFIG, "min_programs", 10**6)
+    launched = []
+    real_launch = C._launch
+    monkeypatch.setattr(C, "_launch", lambda kernel: launched.append(kernel) or real_launch(kernel))
+    torch.manual_seed(3)
+    B, H, K, V = 1, 2, 16, 32
+    q, v, do = torch.randn(B, T, H, K), torch.randn(B, T, H, V), torch.randn(B, T, H, V)
+    if gate == "strong_decay":
+        g = -30 * torch.rand(B, T, H, K)
+    else:
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) + 2)  # long memory across segments
+    h0 = torch.randn(B, H, K, V) if with_state else None
+    dht = torch.randn(B, H, K, V) if with_state else None
+    q, g, v, do = (x.to(DEVICE) for x in (q, g, v, do))
+    h0, dht = (x.to(DEVICE) if x is not None else None for x in (h0, dht))
+    got = C.chunk_hgrn2_fwd(q, g, v, h0, 0.3) + C.chunk_hgrn2_bwd(q, g, v, h0, do, dht, 0.3)
+    assert launched.count(C._segment_kernel) == 3  # forward; backward: states again, and their gradients
+    d = lambda x: x.double() if x is not None else None
+    want = C.chunk_hgrn2_fwd_ref(d(q), d(g), d(v), d(h0), 0.3) + C.chunk_hgrn2_bwd_ref(
+        d(q), d(g), d(v), d(h0), d(do), d(dht), 0.3
+    )
+    names = ["o", "final_state", "dq", "dg", "dv", "dh0"]
+    errs = {n: rel_err(a, b) for n, a, b in zip(names, got, want)}
+    assert all(e <= TOL for e in errs.values()), errs
