@@ -609,8 +609,9 @@ CONFIG = {
     "out_bk": 64, "out_bv": 128, "out_warps": 8,
     "dqg_bk": 32, "dqg_warps": 4,
     # Branch around the sub-block scan of the in-chunk path (see _path). False is what was checked
-    # on the GPU (2026-11-24); an earlier build with the branch measured 1.33 ms against 1.66 ms
-    # fwd+bwd at B=8 T=2048 H=8 K=V=128, but this form was not yet compiled there.
+    # on the GPU (2026-11-24). An earlier build that branched (and differed otherwise too) took
+    # 1.33 ms against 1.66 ms fwd+bwd at B=8 T=2048 H=8 K=V=128; this form has not run there, and
+    # offline (benchmarks/offline_regs.py, Triton 3.9) it spills more.
     "lazy_path": False,
 }
 FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 8}}
