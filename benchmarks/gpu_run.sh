@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One call on the device machine: correctness first, then speed.
-#   device run: bash benchmarks/gpu_run.sh [check|bench|sweep|all]     (carry .whl for fla)
+#   device run: bash benchmarks/gpu_run.sh [check|bench|sweep|lm|all]  (carry .whl for fla)
 #
 # check: the shape sweep (one process per shape: a faulting kernel poisons its CUDA context) and
 #        the GPU tests, split over parallel pytest processes. Triton compiles each kernel variant
 #        on the CPU, and one process runs them one after another: in parallel the whole set takes
 #        ~3 min instead of over 10. Each process logs to $OUT/t_<name>.log.
 # bench: bench_chunk.py (ours, SDPA, fla side by side), alone on the GPU.
-# sweep: sweep_configs.py (ours at every shape).
+# sweep: sweep_configs.py (ours at every shape; configs from env SWEEP_CONFIGS, a JSON list of
+#        CONFIG updates, e.g. '[{}, {"lazy_path": true}]').
+# lm:    bench_lm.py, the 374M training step (MODELS=ours|fla|llama, SHAPES=8x2048,2x8192; one
+#        model per call: fla autotunes for minutes). Not part of "all".
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
@@ -54,4 +57,7 @@ if [[ $what == bench || $what == all ]]; then
 fi
 if [[ $what == sweep || $what == all ]]; then
   $P benchmarks/sweep_configs.py 2>&1 | tee "$OUT/sweep.log"
+fi
+if [[ $what == lm ]]; then
+  PYTHONPATH="/tmp/shim${SITE:+:$SITE}" OUT="$OUT" $P benchmarks/bench_lm.py 2>&1 | tee "$OUT/lm.log"
 fi

@@ -1,12 +1,16 @@
 """Speed of the Triton path over launch configurations, at every benchmark shape (device machine).
 
-    python benchmarks/sweep_configs.py [--quick]
+    python benchmarks/sweep_configs.py [--quick] [--configs JSON]   (or JSON in env SWEEP_CONFIGS)
 
 Ours only (fla and SDPA are in bench_chunk.py): do_bench medians in ms, fwd and fwd+bwd, and the
 time per token of fwd+bwd, bf16, g = logsigmoid(randn). Each config is a dict of CONFIG updates.
+Each config is first checked against the float64 chunked reference (B=1, T=4096, H=2, K=V=128,
+half the channels strongly decaying, initial state and final-state gradient: long enough for the
+segmented state walk): its relative errors are printed before its times.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -18,7 +22,10 @@ from hgrn2mini.ops import chunk_hgrn2
 
 SHAPES = [(8, 2048, 8, 128), (4, 4096, 8, 128), (2, 8192, 8, 128), (1, 16384, 8, 128),
           (8, 2048, 16, 128), (16, 2048, 6, 128), (8, 2048, 16, 64)]
-CONFIGS = json.loads(sys.argv[sys.argv.index("--configs") + 1]) if "--configs" in sys.argv else [{}]
+if "--configs" in sys.argv:
+    CONFIGS = json.loads(sys.argv[sys.argv.index("--configs") + 1])
+else:
+    CONFIGS = json.loads(os.environ.get("SWEEP_CONFIGS", "[{}]"))
 if "--quick" in sys.argv:
     SHAPES = SHAPES[:1]
 base = dict(C.CONFIG)
@@ -31,9 +38,28 @@ def inputs(B, T, H, K):
     return q, g, v, torch.randn_like(q)
 
 
+def check():
+    torch.manual_seed(0)
+    B, T, H, K = 1, 4096, 2, 128
+    q, v, do = (torch.randn(B, T, H, K, device="cuda") for _ in range(3))
+    g = torch.where(torch.rand(B, T, H, K, device="cuda") < 0.5, -30 * torch.rand(B, T, H, K, device="cuda"),
+                    F.logsigmoid(torch.randn(B, T, H, K, device="cuda") + 4))
+    h0, dht = torch.randn(B, H, K, K, device="cuda"), torch.randn(B, H, K, K, device="cuda")
+    leaves = [q.bfloat16().requires_grad_(), g.clone().requires_grad_(), v.bfloat16().requires_grad_(),
+              h0.clone().requires_grad_()]
+    o, hT = chunk_hgrn2(*leaves)
+    torch.autograd.backward((o, hT), (do.bfloat16(), dht))
+    d = [x.detach().double() for x in leaves]
+    o_r, hT_r = C.chunk_hgrn2_fwd_ref(*d, K**-0.5)
+    grads = C.chunk_hgrn2_bwd_ref(*d, do.bfloat16().double(), dht.double(), K**-0.5)
+    rel = lambda a, b: round(((a.double() - b).norm() / b.norm()).item(), 5)
+    return dict(o=rel(o, o_r), hT=rel(hT, hT_r), **{n: rel(x.grad, r) for n, x, r in zip(["dq", "dg", "dv", "dh0"], leaves, grads)})
+
+
 for cfg in CONFIGS:
     C.CONFIG.clear()
     C.CONFIG.update(base, **cfg)
+    print(json.dumps(dict(cfg=cfg, rel_err_bf16=check())), flush=True)
     for B, T, H, K in SHAPES:
         q, g, v, do = inputs(B, T, H, K)
 
