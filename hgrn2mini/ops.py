@@ -14,6 +14,7 @@ from torch.library import triton_op
 from hgrn2mini.kernels import chunk as _chunk
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def _check(q, g, v, initial_state) -> None:
@@ -49,11 +50,18 @@ def _check(q, g, v, initial_state) -> None:
 @triton_op("hgrn2mini::chunk_hgrn2", mutates_args=())
 def _chunk_hgrn2(
     q: torch.Tensor, g: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, final state, kept states). The third output is what the backward may reuse: the Triton
+    path's chunk-start states when `kernels.chunk.CONFIG["keep_states"]`, as their raw bits in an
+    integer dtype (so autograd gives it no gradient), else an empty tensor."""
     _check(q, g, v, initial_state)
     if _chunk.triton_supported(q, v):
-        return _chunk.chunk_hgrn2_fwd(q, g, v, initial_state, scale)
-    return _chunk.chunk_hgrn2_fwd_ref(q, g, v, initial_state, scale)
+        o, hT, states = _chunk.chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale)
+        if _chunk.CONFIG["keep_states"]:
+            return o, hT, states.view(_BITS[states.dtype])
+        return o, hT, q.new_empty(0, dtype=_BITS[q.dtype])
+    o, hT = _chunk.chunk_hgrn2_fwd_ref(q, g, v, initial_state, scale)
+    return o, hT, q.new_empty(0, dtype=_BITS[q.dtype])
 
 
 @triton_op("hgrn2mini::chunk_hgrn2_bwd", mutates_args=())
@@ -65,22 +73,28 @@ def _chunk_hgrn2_bwd(
     do: torch.Tensor,
     dht: torch.Tensor | None,
     scale: float,
+    states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if _chunk.triton_supported(q, v):
-        return _chunk.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale)
+        kept = states.view(q.dtype) if states is not None and states.numel() > 0 else None
+        return _chunk.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, kept)
     return _chunk.chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale)
 
 
 def _setup_context(ctx, inputs, output):
     q, g, v, initial_state, scale = inputs
-    ctx.save_for_backward(q, g, v, initial_state)
+    ctx.save_for_backward(q, g, v, initial_state, output[2])
     ctx.scale = scale
+    # Unused outputs get None, not zeros: no [B, H, K, V] or states-sized zeros to make and read.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dht):
-    q, g, v, initial_state = ctx.saved_tensors
+def _backward(ctx, do, dht, _):
+    q, g, v, initial_state, states = ctx.saved_tensors
+    if do is None:  # only the final state was used
+        do = torch.zeros_like(v)
     # do can arrive with stride 0 (the gradient of `.sum()`): the Triton wrapper makes it dense.
-    dq, dg, dv, dh0 = torch.ops.hgrn2mini.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, ctx.scale)
+    dq, dg, dv, dh0 = torch.ops.hgrn2mini.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, ctx.scale, states)
     return dq, dg, dv, (dh0 if initial_state is not None else None), None
 
 
@@ -107,4 +121,5 @@ def chunk_hgrn2(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return torch.ops.hgrn2mini.chunk_hgrn2(q, g, v, initial_state, float(scale))
+    o, hT, _ = torch.ops.hgrn2mini.chunk_hgrn2(q, g, v, initial_state, float(scale))
+    return o, hT

@@ -608,6 +608,10 @@ CONFIG = {
     "max_segments": 1, "min_segment_chunks": 4,
     "out_bk": 64, "out_bv": 128, "out_warps": 8,
     "dqg_bk": 32, "dqg_warps": 4,
+    # Keep the forward's chunk-start states for the backward instead of walking the sequence again
+    # (hgrn2mini/ops.py): one sequential pass less per backward, for saved memory of twice q's
+    # size per call (K = V). Off: not yet measured on the GPU.
+    "keep_states": False,
     # Branch around the sub-block scan of the in-chunk path (see _path). False is what was checked
     # on the GPU (2026-11-24). An earlier build that branched (and differed otherwise too) took
     # 1.33 ms against 1.66 ms fwd+bwd at B=8 T=2048 H=8 K=V=128; this form has not run there, and
@@ -677,23 +681,33 @@ def _run_out(q, g, v, states, scale, dv):
     return out
 
 
-def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
-    """Triton forward. q, g [B, T, H, K] (g fp32), v [B, T, H, V]; returns o, final state fp32."""
+def chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale):
+    """Triton forward. q, g [B, T, H, K] (g fp32), v [B, T, H, V]; returns o, the final state
+    (fp32) and the chunk-start states [B*H, NT, K, V] (q's dtype), which the backward can take
+    instead of walking the sequence again."""
     q, g, v = q.contiguous(), g.contiguous(), v.contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
     states, hT = _run_states(q, g, v, h0, False, scale)
-    return _run_out(q, g, v, states, scale, False), hT
+    return _run_out(q, g, v, states, scale, False), hT, states
 
 
-def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale):
-    """Triton backward: (dq, dg fp32, dv, d initial state fp32)."""
+def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
+    """Triton forward: o and the final state (fp32)."""
+    o, hT, _ = chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale)
+    return o, hT
+
+
+def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None):
+    """Triton backward: (dq, dg fp32, dv, d initial state fp32). states: the forward's chunk-start
+    states, or None to compute them again."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     # Gradients can arrive with stride 0 (the gradient of `.sum()`); the kernels index densely.
     q, g, v, do = q.contiguous(), g.contiguous(), v.contiguous(), do.contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
     DT, PREC, PREC32 = _dot_config(q.dtype)
-    states, _ = _run_states(q, g, v, h0, False, scale)
+    if states is None:
+        states, _ = _run_states(q, g, v, h0, False, scale)
     dstates, dh0 = _run_states(q, g, do, dht.contiguous() if dht is not None else None, True, scale)
     dv = _run_out(q, g, do, dstates, scale, True)
     dq, dg = torch.empty_like(q), torch.empty_like(g)

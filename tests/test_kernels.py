@@ -116,3 +116,19 @@ def test_triton_kernels_segmented_state_walk(T, with_state, gate, monkeypatch):
     names = ["o", "final_state", "dq", "dg", "dv", "dh0"]
     errs = {n: rel_err(a, b) for n, a, b in zip(names, got, want)}
     assert all(e <= TOL for e in errs.values()), errs
+
+
+def test_triton_backward_from_kept_states():
+    """The backward given the forward's states (CONFIG keep_states) equals the one that walks the
+    sequence again, bit for bit."""
+    torch.manual_seed(4)
+    B, T, H, K, V = 1, 150, 2, 16, 32
+    q, g = torch.randn(B, T, H, K), torch.nn.functional.logsigmoid(torch.randn(B, T, H, K))
+    v, do = torch.randn(B, T, H, V), torch.randn(B, T, H, V)
+    h0, dht = torch.randn(B, H, K, V), torch.randn(B, H, K, V)
+    q, g, v, do, h0, dht = (x.to(DEVICE) for x in (q, g, v, do, h0, dht))
+    _, _, states = C.chunk_hgrn2_fwd_with_states(q, g, v, h0, 0.3)
+    again = C.chunk_hgrn2_bwd(q, g, v, h0, do, dht, 0.3)
+    kept = C.chunk_hgrn2_bwd(q, g, v, h0, do, dht, 0.3, states)
+    for a, b in zip(again, kept):
+        assert torch.equal(a, b)

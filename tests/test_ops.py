@@ -112,6 +112,19 @@ def test_gradient_of_sum_with_stride_zero():
         assert rel_err(x.grad, r.grad) <= TOL[torch.float32]
 
 
+def test_gradient_of_the_final_state_alone():
+    """o unused: autograd hands the backward no gradient for it (not a tensor of zeros)."""
+    q, g, v, h0 = _opcheck_args("cpu", torch.float32, True)
+    _, hT = chunk_hgrn2(q, g, v, h0)
+    hT.square().sum().backward()
+    ref = [x.detach().double().requires_grad_() for x in (q, g, v, h0)]
+    _, hT_r = naive_recurrence(*ref)
+    hT_r.square().sum().backward()
+    assert q.grad is None or not q.grad.any()  # the final state does not depend on q
+    for x, r in zip((g, v, h0), ref[1:]):
+        assert rel_err(x.grad, r.grad) <= TOL[torch.float32]
+
+
 def test_double_backward_is_a_clear_error():
     q, g, v, _ = _opcheck_args("cpu", torch.float32, False)
     o, _ = chunk_hgrn2(q, g, v)
