@@ -5,8 +5,12 @@ TORCHINDUCTOR_COMPILE_THREADS=1 to get it in full). Device machine:
     TORCHINDUCTOR_COMPILE_THREADS=1 python benchmarks/compile_check.py
 """
 
-import traceback, torch
+import traceback
+
+import torch
+
 from hgrn2mini.ops import chunk_hgrn2
+
 q = torch.randn(2, 130, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 v = torch.randn_like(q, requires_grad=True)
 g = torch.nn.functional.logsigmoid(torch.randn(2, 130, 2, 64, device="cuda")).requires_grad_()

@@ -29,27 +29,34 @@ o = torch.empty_like(v)
 dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
 
 
-def report(name, cfg, launch):
+def report(name, kernel, grid, args, cfg, **meta):
+    """Launches kernel[grid](*args, **cfg, **meta) raw (not through wrap_triton, to see the
+    compiled kernel), then times the same launch."""
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages", 1)
+
+    def launch():
+        return kernel[grid](*args, **cfg, **meta, num_warps=warps, num_stages=stages)
+
     try:
         k = launch()
         ms = do_bench(launch, warmup=10, rep=50, return_mode="median")
-        print(f"{name:6s} {cfg} regs {getattr(k, 'n_regs', '?')} spills {getattr(k, 'n_spills', '?')} {ms:.4f} ms", flush=True)
-    except Exception as e:  # noqa: BLE001
+        regs, spills = getattr(k, "n_regs", "?"), getattr(k, "n_spills", "?")
+        print(f"{name:6s} {cfg} warps {warps} stages {stages} regs {regs} spills {spills} {ms:.4f} ms", flush=True)
+    except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
         print(name, cfg, "failed", str(e)[:200], flush=True)
 
 
+common = dict(K=K, V=V, BT=64, DT=DT, PREC=PREC)
 for BS, warps, stages, rev in itertools.product([32, 64], [4, 8], [1, 3], [False, True]):
-    x = do if rev else v
-    report("state", dict(BS=BS, warps=warps, stages=stages, rev=rev), lambda: C._state_kernel[(K // BS, V // BS, B * H)](
-        q, g, x, hT, states, hT, T, H, s, K=K, V=V, BT=64, BS=BS, DT=DT, PREC=PREC, REVERSE=rev, HAS_H0=False,
-        num_warps=warps, num_stages=stages))
+    report("state", C._state_kernel, (K // BS, V // BS, B * H),
+           (q, g, do if rev else v, hT, states, hT, hT, hT, T, H, s, 1), dict(BS=BS, REVERSE=rev),
+           HAS_H0=False, SEGMENTED=False, num_warps=warps, num_stages=stages, **common)
 
 for BK, BVO, warps, dv_ in itertools.product([32, 64, 128], [64, 128], [4, 8], [False, True]):
-    report("out", dict(BK=BK, BVO=BVO, warps=warps, dv=dv_), lambda: C._out_kernel[(NT, B * H, V // BVO)](
-        q, g, v, states, o, T, H, s, K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC,
-        FAST_RANGE=C._FAST_RANGE, DV=dv_, num_warps=warps, num_stages=1))
+    report("out", C._out_kernel, (NT, B * H, V // BVO), (q, g, v, states, o, T, H, s), dict(BK=BK, BVO=BVO, DV=dv_),
+           BC=16, FAST_RANGE=C._FAST_RANGE, LAZY=C.CONFIG["lazy_path"], num_warps=warps, **common)
 
 for BK, warps in itertools.product([16, 32, 64], [4, 8]):
-    report("dqg", dict(BK=BK, warps=warps), lambda: C._dqg_kernel[(NT, B * H, K // BK)](
-        q, g, v, do, states, dstates, dq, dg, T, H, s, K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC,
-        PREC32=PREC32, FAST_RANGE=C._FAST_RANGE, num_warps=warps, num_stages=1))
+    report("dqg", C._dqg_kernel, (NT, B * H, K // BK), (q, g, v, do, states, dstates, dq, dg, T, H, s),
+           dict(BK=BK, BV=BK), BC=16, PREC32=PREC32, FAST_RANGE=C._FAST_RANGE, LAZY=C.CONFIG["lazy_path"],
+           num_warps=warps, **common)

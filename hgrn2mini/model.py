@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hgrn2mini import checkpoint
-from hgrn2mini.ops import chunk_hgrn2
+from hgrn2mini.ops import check_state, chunk_hgrn2
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -378,19 +378,6 @@ class HGRN2ForCausalLM(nn.Module):
                     f"{name} must be token ids in [0, vocab_size={V}), got values in [{lo}, {hi}]"
                 )
 
-    def _check_state(self, state: torch.Tensor, input_ids: torch.Tensor) -> None:
-        want = self.model.state_shape(input_ids.shape[0])
-        if not isinstance(state, torch.Tensor):
-            raise TypeError(
-                f"state must be a torch.Tensor [L, B, H, K, V] = {list(want)}, got {type(state).__name__}"
-            )
-        if tuple(state.shape) != want:
-            raise ValueError(f"state must be [L, B, H, K, V] = {list(want)}, got {list(state.shape)}")
-        if state.dtype != torch.float32:
-            raise TypeError(f"state must be float32, got {state.dtype}")
-        if state.device != input_ids.device:
-            raise ValueError(f"state must be on input_ids' device {input_ids.device}, got {state.device}")
-
     # -- forward -------------------------------------------------------------------------------
 
     def forward(
@@ -419,7 +406,8 @@ class HGRN2ForCausalLM(nn.Module):
                     f"labels must have input_ids' shape {list(input_ids.shape)}, got {list(labels.shape)}"
                 )
         if state is not None:
-            self._check_state(state, input_ids)
+            want = self.model.state_shape(input_ids.shape[0])
+            check_state("state", state, "[L, B, H, K, V]", want, input_ids.device, "input_ids' device ")
         x, new_state = self.model(input_ids, state, return_state)
         logits = self.lm_head(x)  # [B, T, vocab]
         loss = None

@@ -38,13 +38,20 @@ def _check(q, g, v, initial_state) -> None:
         raise ValueError(f"q, g, v must be on one device, got {q.device}, {g.device}, {v.device}")
     if initial_state is not None:
         B, _, H, K = q.shape
-        want = [B, H, K, v.shape[-1]]
-        if list(initial_state.shape) != want:
-            raise ValueError(f"initial_state must be [B, H, K, V] = {want}, got {list(initial_state.shape)}")
-        if initial_state.dtype != torch.float32:
-            raise TypeError(f"initial_state must be float32, got {initial_state.dtype}")
-        if initial_state.device != q.device:
-            raise ValueError(f"initial_state must be on {q.device}, got {initial_state.device}")
+        check_state("initial_state", initial_state, "[B, H, K, V]", (B, H, K, v.shape[-1]), q.device)
+
+
+def check_state(name: str, state, layout: str, want: tuple, device: torch.device,
+                device_of: str = "") -> None:
+    """A recurrent state: a float32 tensor of shape `want` on `device`, or a clear error."""
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout} = {list(want)}, got {type(state).__name__}")
+    if tuple(state.shape) != tuple(want):
+        raise ValueError(f"{name} must be {layout} = {list(want)}, got {list(state.shape)}")
+    if state.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {state.dtype}")
+    if state.device != device:
+        raise ValueError(f"{name} must be on {device_of}{device}, got {state.device}")
 
 
 @triton_op("hgrn2mini::chunk_hgrn2", mutates_args=())

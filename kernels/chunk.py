@@ -247,6 +247,11 @@ if triton is not None:
         return tl.load(ptr + (t0 + rows)[:, None] * stride + cols[None, :], mask=m, other=0.0)
 
     @triton.jit
+    def _head(bh, T, H, K: tl.constexpr, V: tl.constexpr):
+        """Offsets of head bh = b * H + h at (b, 0, h, 0) in [B, T, H, K] and [B, T, H, V] tensors."""
+        return (bh // H) * T * H * K + (bh % H) * K, (bh // H) * T * H * V + (bh % H) * V
+
+    @triton.jit
     def _store_tile(ptr, x, t0, T, stride, rows, cols):
         m = (t0 + rows)[:, None] < T
         tl.store(ptr + (t0 + rows)[:, None] * stride + cols[None, :], x.to(ptr.dtype.element_ty), mask=m)
@@ -294,9 +299,9 @@ if triton is not None:
         if LAZY:
             ref = 0.5 * b_last
             if size < BT:  # 16-row sub-blocks: the cumulative gate just before this one
-                ref = tl.sum(tl.where(rows[:, None] == lo - 1, b, 0.0), 0)  # 0 before the chunk
+                ref = _row(b, rows, lo - 1)  # 0 before the chunk (no row -1)
         else:
-            before = tl.sum(tl.where(rows[:, None] == lo - 1, b, 0.0), 0)  # 0 before the chunk
+            before = _row(b, rows, lo - 1)  # 0 before the chunk (no row -1)
             ref = tl.where(whole, 0.5 * b_last, before)
         in_s = (rows >= lo) & (rows < lo + size)
         keys = rows < lo + own
@@ -393,8 +398,7 @@ if triton is not None:
         rows = tl.arange(0, BT)
         ck = ik * BS + tl.arange(0, BS)
         cv = iv * BS + tl.arange(0, BS)
-        offk = (bh // H) * T * H * K + (bh % H) * K
-        offv = (bh // H) * T * H * V + (bh % H) * V
+        offk, offv = _head(bh, T, H, K, V)
         state_off = ck[:, None] * V + cv[None, :]
         if HAS_H0:
             h = tl.load(h0 + bh * K * V + state_off)
@@ -490,8 +494,7 @@ if triton is not None:
         t0 = n * BT
         rows = tl.arange(0, BT)
         cv = iv * BVO + tl.arange(0, BVO)
-        offk = (bh // H) * T * H * K + (bh % H) * K
-        offv = (bh // H) * T * H * V + (bh % H) * V
+        offk, offv = _head(bh, T, H, K, V)
         st = states + (bh * NT + n) * K * V
         A = tl.zeros([BT, BT], dtype=tl.float32)
         oc = tl.zeros([BT, BVO], dtype=tl.float32)
@@ -535,8 +538,7 @@ if triton is not None:
         t0 = n * BT
         rows = tl.arange(0, BT)
         ck = ik * BK + tl.arange(0, BK)
-        offk = (bh // H) * T * H * K + (bh % H) * K
-        offv = (bh // H) * T * H * V + (bh % H) * V
+        offk, offv = _head(bh, T, H, K, V)
         st = states + (bh * NT + n) * K * V
         dst = dstates + (bh * NT + n) * K * V
         dA = tl.zeros([BT, BT], dtype=tl.float32)
