@@ -1,6 +1,9 @@
 """The HGRN2 recurrence op against fla's chunk_gla and causal SDPA, side by side in one run.
 
-    python benchmarks/bench_chunk.py [--out DIR] [--quick]
+    python benchmarks/bench_chunk.py [--out DIR] [--quick] [--shapes 0,1,2] [--no-slow]
+
+--shapes picks rows of SHAPES by index (fla autotunes each new shape for a minute or more on a
+fresh machine, so all of them with fla may not fit one device call).
 
 Inputs as HGRN2 feeds them: q, v bf16 [B, T, H, K]; g fp32 = logsigmoid(randn) (the layer-0 gate);
 fla gets k = 1 - exp(g) in bf16 as a leaf (as shared/anchors measured it, which spares fla the
@@ -110,6 +113,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_chunk.json / .md")
     ap.add_argument("--quick", action="store_true", help="only the first shape")
+    ap.add_argument("--shapes", help="comma-separated indices into SHAPES (default: all)")
+    ap.add_argument("--no-slow", action="store_true", help="skip the all-slow-path gates row")
     args = ap.parse_args()
     try:
         from fla.ops.gla import chunk_gla as fla
@@ -118,10 +123,14 @@ def main():
     print(torch.__version__, torch.cuda.get_device_name(), "fla:", fla is not None, flush=True)
     bw = copy_bandwidth()
     rows = []
-    for shape in SHAPES[:1] if args.quick else SHAPES:
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    for shape in shapes:
         rows.append(run_shape(*shape, bw, fla))
         print(rows[-1], flush=True)
-    rows.append(run_shape(*SHAPES[0], bw, fla, gates="uniform30"))
+    if not args.no_slow:
+        rows.append(run_shape(*SHAPES[0], bw, fla, gates="uniform30"))
     md = table(rows, bw)
     print(md)
     if args.out:

@@ -257,35 +257,31 @@ if triton is not None:
         tl.store(ptr + (t0 + rows)[:, None] * stride + cols[None, :], x.to(ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _is_slow(b, rows, BT: tl.constexpr, BC: tl.constexpr, FAST_RANGE: tl.constexpr):
-        """Whether some sub-block decays by more than FAST_RANGE in some channel."""
-        worst = 0.0
-        for s in tl.static_range(BT // BC):
-            if s == 0:
-                ref = tl.zeros_like(_row(b, rows, 0))
-            else:
-                ref = _row(b, rows, s * BC - 1)
-            worst = tl.maximum(worst, tl.max(ref - _row(b, rows, s * BC + BC - 1), 0))
-        return worst > FAST_RANGE
+    def _is_slow(gc, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, FAST_RANGE: tl.constexpr):
+        """Whether some 16-row sub-block decays by more than FAST_RANGE in some channel: the gates'
+        cumsum restarted at each sub-block (one scan of the reshaped tile, no row extraction)."""
+        sub = tl.cumsum(tl.reshape(gc, (BT // BC, BC, BK)), 1)
+        return tl.min(tl.min(tl.min(sub, 2), 1), 0) < -FAST_RANGE
 
     @triton.jit
-    def _path(b, b_last, rows, BT: tl.constexpr, BC: tl.constexpr, FAST_RANGE: tl.constexpr, LAZY: tl.constexpr):
+    def _path(gc, b_last, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, FAST_RANGE: tl.constexpr,
+              LAZY: tl.constexpr):
         """How a key block's in-chunk pairs are evaluated: (whole, slow, n_sub, size, own).
 
         Row blocks, each with one reference per channel: the whole chunk with m = b_last / 2 when
         it decays by at most 2 * FAST_RANGE; else 16-row sub-blocks referred to the cumulative gate
         just before them, their own keys included while the sub-block decays by at most
         FAST_RANGE, and otherwise left to a pair-by-pair loop in log space (`slow`).
-        LAZY: scan the sub-blocks (eight row reductions) only in chunks that need it, behind a
-        branch; else always, branch-free (the configuration checked on the GPU, see CONFIG).
+        LAZY: scan the sub-blocks only in chunks that need it, behind a branch; else always,
+        branch-free.
         """
         whole = tl.min(b_last, 0) >= -2.0 * FAST_RANGE
         if LAZY:
             slow = tl.min(b_last, 0) < -1e30  # False, as a tensor: both branches give one type
             if tl.min(b_last, 0) < -2.0 * FAST_RANGE:
-                slow = _is_slow(b, rows, BT, BC, FAST_RANGE)
+                slow = _is_slow(gc, BT, BC, BK, FAST_RANGE)
         else:
-            slow = _is_slow(b, rows, BT, BC, FAST_RANGE) & (tl.min(b_last, 0) < -2.0 * FAST_RANGE)
+            slow = _is_slow(gc, BT, BC, BK, FAST_RANGE) & (tl.min(b_last, 0) < -2.0 * FAST_RANGE)
         n_sub = tl.where(whole, 1, BT // BC)
         size = tl.where(whole, BT, BC)
         own = tl.where(slow, 0, size)  # how many of its own rows a block takes as keys in the matmul
@@ -318,11 +314,11 @@ if triton is not None:
         return tl.exp(tl.where(near[:, None], b - bj[None, :], float("-inf"))), _row(k, rows, j)
 
     @triton.jit
-    def _pairs_A(qs, k, b, b_last, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                 BC: tl.constexpr, FAST_RANGE: tl.constexpr, LAZY: tl.constexpr):
+    def _pairs_A(qs, k, gc, b, b_last, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                 BC: tl.constexpr, BK: tl.constexpr, FAST_RANGE: tl.constexpr, LAZY: tl.constexpr):
         """A[i, j] = sum_k qs_i k_j exp(b_i - b_j) for j <= i of one key block (qs = scale * q,
         k, b: [BT, BK] fp32); the diagonal summed in fp32, never rounded to the matmul dtype."""
-        whole, slow, n_sub, size, own = _path(b, b_last, rows, BT, BC, FAST_RANGE, LAZY)
+        whole, slow, n_sub, size, own = _path(gc, b_last, BT, BC, BK, FAST_RANGE, LAZY)
         A = tl.where(rows[:, None] == rows[None, :], tl.sum(qs * k, 1)[:, None], 0.0)
         for s in range(0, n_sub):
             eq, ek, Qs, Ks, pair = _block(qs, k, b, b_last, rows, whole, s, size, own, BT, DT, LAZY)
@@ -336,11 +332,11 @@ if triton is not None:
         return A
 
     @triton.jit
-    def _pairs_grad(qs, k, b, b_last, dA, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                    BC: tl.constexpr, FAST_RANGE: tl.constexpr, LAZY: tl.constexpr):
+    def _pairs_grad(qs, k, gc, b, b_last, dA, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                    BC: tl.constexpr, BK: tl.constexpr, FAST_RANGE: tl.constexpr, LAZY: tl.constexpr):
         """Through the pairs j < i (dA strictly lower, [BT, BT]) of one key block:
         dq[i] = sum_j dA_ij k_j exp(b_i - b_j),  dk[j] = sum_i dA_ij qs_i exp(b_i - b_j)."""
-        whole, slow, n_sub, size, own = _path(b, b_last, rows, BT, BC, FAST_RANGE, LAZY)
+        whole, slow, n_sub, size, own = _path(gc, b_last, BT, BC, BK, FAST_RANGE, LAZY)
         dq = tl.zeros_like(qs)
         dk = tl.zeros_like(qs)
         for s in range(0, n_sub):
@@ -505,7 +501,7 @@ if triton is not None:
             b = tl.cumsum(gc, 0)
             b_last = tl.sum(gc, 0)
             k = -_expm1(gc)
-            A += _pairs_A(qs, k, b, b_last, rows, DT, PREC, BT, BC, FAST_RANGE, LAZY)
+            A += _pairs_A(qs, k, gc, b, b_last, rows, DT, PREC, BT, BC, BK, FAST_RANGE, LAZY)
             if DV:
                 x = k * tl.exp(b_last[None, :] - b)
             else:
@@ -565,7 +561,7 @@ if triton is not None:
         # never cancels it (see chunk_hgrn2_bwd_ref).
         diag = tl.sum(tl.where(rows[:, None] == rows[None, :], dA, 0.0), 1)
         dA = tl.where(rows[:, None] > rows[None, :], dA, 0.0)
-        dq_in, dk_in = _pairs_grad(qs, k, b, b_last, dA, rows, DT, PREC, BT, BC, FAST_RANGE, LAZY)
+        dq_in, dk_in = _pairs_grad(qs, k, gc, b, b_last, dA, rows, DT, PREC, BT, BC, BK, FAST_RANGE, LAZY)
         dq_h = scale * tl.exp(b) * dq_h
         dk_h = tl.exp(b_last[None, :] - b) * dk_h
         dqc = dq_h + scale * (dq_in + diag[:, None] * k)
