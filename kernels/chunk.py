@@ -175,12 +175,12 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #   _dqg_kernel     grid (chunks, B*H, K/BK): reads q, g, v, do, states, state gradients; writes
 #                   dq, dg (fp32). Every term is separable over key channels; dA = do v^T is
 #                   recomputed by each key block's program (K/BK times).
-#   _segment_kernel, _fixup_kernel: with CONFIG max_segments > 1 (off by default, not yet
-#                   measured on the GPU), the walk is cut into segments walked in parallel where
-#                   B*H leaves SMs idle; the decay is diagonal, so joining them is elementwise.
+#   _segment_kernel, _fixup_kernel: where B*H leaves SMs idle, the walk is cut into segments
+#                   walked in parallel; the decay is diagonal, so joining them is elementwise
+#                   (fixup reads and rewrites the states once).
 #   forward  = state (forward) + out;
-#   backward = state (forward, recomputed: the forward does not keep its states) + state (reverse)
-#              + out (DV) + dqg.
+#   backward = state (reverse) + out (DV) + dqg, with the forward's states kept by the op
+#              (CONFIG keep_states; else the backward walks the sequence forward again first).
 #
 # The key k = -expm1(g) and b = cumsum(g) inside the chunk (fp32) are derived from g wherever
 # they are needed, never stored. States are stored in the input dtype (they only feed matmuls
@@ -602,19 +602,20 @@ def _dot_config(dtype: torch.dtype):
 # (dqg_bk 64) on the H100 with Triton 3.6: keep overrides to the shapes they were checked at.
 CONFIG = {
     "state_bs": 64, "state_warps": 4, "state_stages": 3, "min_programs": 128,
-    # Segments of the state walk (see _state_kernel): 1 = off, what was measured on the GPU.
-    "max_segments": 1, "min_segment_chunks": 4,
+    # Segments of the state walk (see _state_kernel), up to max_segments where the state tiles
+    # alone give fewer than min_programs programs (B*H small, T long). Measured 2026-11-24, fwd+bwd
+    # B=1 T=16384 H=8 K=V=128: 1.36 ms with segments against 1.93 without; where B*H fills the
+    # GPU they only add the join (benchmarks/RESULTS.md).
+    "max_segments": 8, "min_segment_chunks": 4,
     "out_bk": 64, "out_bv": 128, "out_warps": 8,
     "dqg_bk": 32, "dqg_warps": 4,
     # Keep the forward's chunk-start states for the backward instead of walking the sequence again
-    # (hgrn2mini/ops.py): one sequential pass less per backward, for saved memory of twice q's
-    # size per call (K = V). Off: not yet measured on the GPU.
-    "keep_states": False,
-    # Branch around the sub-block scan of the in-chunk path (see _path). False is what was checked
-    # on the GPU (2026-11-24). An earlier build that branched (and differed otherwise too) took
-    # 1.33 ms against 1.66 ms fwd+bwd at B=8 T=2048 H=8 K=V=128; this form has not run there, and
-    # offline (benchmarks/offline_regs.py, Triton 3.9) it spills more.
-    "lazy_path": False,
+    # (hgrn2mini/ops.py): one sequential pass less per backward (1.43 -> 1.26 ms fwd+bwd at B=8
+    # T=2048 H=8 K=V=128, 2026-11-24), for saved memory of twice q's size per call (K = V).
+    "keep_states": True,
+    # Branch around the sub-block scan of the in-chunk path (see _path): most chunks never need
+    # it (1.43 -> 1.34 ms at the same shape, 2026-11-24).
+    "lazy_path": True,
 }
 FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 8}}
 
