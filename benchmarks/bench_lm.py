@@ -4,6 +4,8 @@ and a LLaMA of the same size from transformers (compiled, SDPA).
     python benchmarks/bench_lm.py                                   # everything (~15 min on an H100)
     python benchmarks/bench_lm.py --models ours --shapes 8x2048     # one model, one shape
     OUT=results python benchmarks/bench_lm.py --models fla          # JSON to $OUT/bench_lm_fla.json
+    python benchmarks/bench_lm.py --models ours --regional          # ours with compile_regions()
+    python benchmarks/bench_lm.py --models ours --kernel-config '{"keep_states": false}'
 
 One step = forward with labels, backward, fused AdamW step, zero_grad; bf16 weights (and so bf16
 optimizer states), as shared/anchors/anchors_lm_step.py measures the anchors. Per model and shape:
@@ -64,14 +66,17 @@ def compiler_counts() -> dict[str, int]:
             "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
-def bench(name: str, B: int, T: int, compile_: bool, steps: int, warmup: int) -> dict:
+def bench(name: str, B: int, T: int, compile_: bool, steps: int, warmup: int, regional: bool = False) -> dict:
     dev = "cuda"
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build(name, T).to(dev, torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, VOCAB, (B, T), device=dev)
-    m = torch.compile(model, dynamic=False) if compile_ else model
+    if compile_ and regional:  # ours only: each block and the head compiled on their own
+        m = model.compile_regions(dynamic=False)
+    else:
+        m = torch.compile(model, dynamic=False) if compile_ else model
 
     def step():
         out = m(input_ids=ids, labels=ids)
@@ -103,6 +108,7 @@ def bench(name: str, B: int, T: int, compile_: bool, steps: int, warmup: int) ->
         "first_step_s": first,
         "final_loss": loss.item(),
         "compiled": compile_,
+        "regional": compile_ and regional,
     }
     if compile_:
         result.update(compiler_counts())
@@ -129,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps, the first one included")
     p.add_argument("--eager", action="store_true", help="run ours and llama without torch.compile too")
+    p.add_argument("--regional", action="store_true", help="compile ours by blocks (compile_regions)")
+    p.add_argument("--kernel-config", default=os.environ.get("KERNEL_CONFIG"),
+                   help="JSON of hgrn2mini.kernels.chunk.CONFIG updates for ours (env KERNEL_CONFIG)")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", "inf")),
                    help="start no new configuration after this many seconds (env BUDGET_S)")
     args = p.parse_args(argv)
@@ -145,9 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 1 or args.steps < 1:
         p.error(f"--warmup and --steps must be >= 1, got {args.warmup} and {args.steps}")
 
+    if args.kernel_config:
+        from hgrn2mini.kernels import chunk
+
+        chunk.CONFIG.update(json.loads(args.kernel_config))
     out_dir = os.environ.get("OUT")
-    out_path = Path(out_dir) / f"bench_lm_{'_'.join(models)}.json" if out_dir else None
+    tag = "_".join(models) + ("_regional" if args.regional else "") + ("_kcfg" if args.kernel_config else "")
+    out_path = Path(out_dir) / f"bench_lm_{tag}.json" if out_dir else None
     results = {"_about": {**environment(), "config": dict(hidden=D, layers=LAYERS, vocab=VOCAB, expand_ratio=EXPAND),
+                          "kernel_config": args.kernel_config, "regional": args.regional,
                           "method": f"bf16 weights, fused AdamW, {args.warmup} warm-up steps (first timed "
                                     f"separately), mean of {args.steps} synchronized steps"}}
     t0 = time.perf_counter()
@@ -159,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                 compiled.append(False)
             runs += [(name, B, T, c) for c in compiled]
     for name, B, T, c in runs:
-        key = f"{name}_{'compiled' if c else 'eager'}_B{B}_T{T}"
+        how = ("regional" if args.regional and name == "ours" else "compiled") if c else "eager"
+        key = f"{name}_{how}_B{B}_T{T}"
         if time.perf_counter() - t0 > args.budget_s:
             results[key] = {"skipped": f"--budget-s {args.budget_s:.0f} spent"}
             continue
         print(f"[{time.perf_counter() - t0:6.1f}s] {key}", flush=True)
         try:
-            results[key] = bench(name, B, T, c, args.steps, args.warmup)
+            results[key] = bench(name, B, T, c, args.steps, args.warmup, args.regional and name == "ours")
         except Exception as e:  # an import that fails, an OOM: record it and go on with the others
             traceback.print_exc()
             results[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}

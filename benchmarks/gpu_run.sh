@@ -9,7 +9,7 @@
 # bench: bench_chunk.py (ours, SDPA, fla side by side), alone on the GPU.
 # sweep: sweep_configs.py (ours at every shape; configs from env SWEEP_CONFIGS, a JSON list of
 #        CONFIG updates, e.g. '[{}, {"lazy_path": true}]').
-# lm:    bench_lm.py, the 374M training step (MODELS=ours|fla|llama, SHAPES=8x2048,2x8192; one
+# lm:    bench_lm.py, the 374M training step (MODELS=ours|fla|llama, SHAPES=8x2048,2x8192, LM_ARGS; one
 #        model per call: fla autotunes for minutes). Not part of "all".
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -59,5 +59,5 @@ if [[ $what == sweep || $what == all ]]; then
   $P benchmarks/sweep_configs.py 2>&1 | tee "$OUT/sweep.log"
 fi
 if [[ $what == lm ]]; then
-  PYTHONPATH="/tmp/shim${SITE:+:$SITE}" OUT="$OUT" $P benchmarks/bench_lm.py 2>&1 | tee "$OUT/lm.log"
+  PYTHONPATH="/tmp/shim${SITE:+:$SITE}" OUT="$OUT" $P benchmarks/bench_lm.py ${LM_ARGS:-} 2>&1 | tee -a "$OUT/lm.log"
 fi

@@ -214,6 +214,9 @@ class HGRN2Attention(nn.Module):
         super().__init__()
         D = config.hidden_size
         self.layer_idx = layer_idx
+        # Read in forward instead of layer_idx: the compiler specializes on what forward reads,
+        # and a bool keeps every layer after the first on one graph (compile_regions).
+        self.bounded = layer_idx > 0
         self.num_heads = config.num_heads  # H
         self.head_k_dim = config.head_k_dim  # K
         self.head_v_dim = config.head_v_dim  # V
@@ -237,7 +240,7 @@ class HGRN2Attention(nn.Module):
         # f = lb + (1 - lb) * sigmoid(f_logit), kept in log space in fp32 so that gates near 1
         # (deep layers, lb -> 1) keep their resolution.
         g = F.logsigmoid(self.f_proj(x).float())  # [B, T, D]
-        if lower_bound is not None and self.layer_idx > 0:  # lb[0] = 0 exactly; log(0) would give NaN grads
+        if lower_bound is not None and self.bounded:  # lb[0] = 0 exactly; log(0) would give NaN grads
             g = torch.logaddexp(lower_bound.log(), torch.log1p(-lower_bound) + g)
         g = g.view(B, T, H, K)
         scale = K**-0.5
@@ -409,13 +412,30 @@ class HGRN2ForCausalLM(nn.Module):
             want = self.model.state_shape(input_ids.shape[0])
             check_state("state", state, "[L, B, H, K, V]", want, input_ids.device, "input_ids' device ")
         x, new_state = self.model(input_ids, state, return_state)
+        logits, loss = self._head(x, labels)
+        return CausalLMOutput(loss, logits, new_state)
+
+    def _head(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.lm_head(x)  # [B, T, vocab]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutput(loss, logits, new_state)
+        return logits, loss
+
+    def compile_regions(self, **compile_kwargs: Any) -> HGRN2ForCausalLM:
+        """Compiles each block and the output head (logits and loss) on its own, in place.
+
+        Regional compilation: the blocks share their code, so the compiler builds two graphs
+        (layer 0, whose gate has no lower bound, and the rest) however deep the model is, where
+        `torch.compile(model)` builds one graph as deep as the model. Same numbers, a much shorter
+        first step; the embedding lookup and the lower-bound softmax stay eager. Returns self.
+        """
+        for block in self.model.layers:
+            block.compile(**compile_kwargs)
+        self._head = torch.compile(self._head, **compile_kwargs)
+        return self
 
     # -- generation ----------------------------------------------------------------------------
 

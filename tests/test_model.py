@@ -315,6 +315,29 @@ def test_compile_fullgraph_matches_eager_without_breaks_or_recompiles():
     torch._dynamo.reset()
 
 
+def test_compile_regions_matches_eager_with_two_block_graphs():
+    cfg = small_config(num_hidden_layers=3)
+    model = randomized(cfg, seed=9)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    labels = torch.randint(0, cfg.vocab_size, (2, 40))
+    want = model(ids, labels=labels)
+    want_grads = torch.autograd.grad(want.loss, list(model.parameters()))
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model.compile_regions(fullgraph=True)
+    got = model(ids, labels=labels)
+    got_grads = torch.autograd.grad(got.loss, list(model.parameters()))
+    # layer 0 (no lower bound), layers 1.. (one graph, reused), the head: three graphs, no breaks
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    assert rel_err(got.logits, want.logits) < TOL_FP32
+    assert rel_err(got.loss, want.loss) < TOL_FP32
+    for g, w in zip(got_grads, want_grads):
+        assert rel_err(g, w) < 10 * TOL_FP32
+    torch._dynamo.reset()
+
+
 def test_compiled_decode_step_matches_eager():
     cfg = small_config(num_hidden_layers=2)
     model = randomized(cfg, seed=9)
