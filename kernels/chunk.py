@@ -195,9 +195,11 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # log space. The diagonal pairs (exp(0) = 1) are always summed in fp32, never rounded to bf16.
 #
 # Measured (H100, Triton 3.6, 2026-11-24, benchmarks/RESULTS.md): bf16 B=8 T=2048 H=8 K=V=128,
-# 0.37 ms forward and 1.66 ms forward+backward (fla's chunk_gla 0.45 / 2.38 in the same run).
-# Every kernel is register-bound (255 registers per thread, the dq/dg kernel spilling); the
-# state walk has B*H*(K/64)*(V/64) programs, so time per token grows as B*H shrinks.
+# 0.34 ms forward and 1.20 ms forward+backward (fla's chunk_gla 0.47 / 2.10 in the same run;
+# 1.40x to 2.62x over the seven benchmark shapes). Every kernel is register-bound (255 registers
+# per thread; at 8 warps the dq/dg kernel fits one program per SM, so its loads are not hidden
+# behind another program's math). By bytes moved (g fp32 and the states dominate) this design
+# needs ~0.5 ms forward+backward even at full bandwidth.
 # ---------------------------------------------------------------------------------------------
 
 try:
