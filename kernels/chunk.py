@@ -609,8 +609,8 @@ CONFIG = {
     # B=1 T=16384 H=8 K=V=128: 1.36 ms with segments against 1.93 without; where B*H fills the
     # GPU they only add the join (benchmarks/RESULTS.md).
     "max_segments": 8, "min_segment_chunks": 4,
-    "out_bk": 64, "out_bv": 128, "out_warps": 8,
-    "dqg_bk": 32, "dqg_warps": 4,
+    "out_bk": 64, "out_bv": 128, "out_warps": 8, "out_stages": 1,
+    "dqg_bk": 32, "dqg_warps": 4, "dqg_stages": 1,
     # Keep the forward's chunk-start states for the backward instead of walking the sequence again
     # (hgrn2mini/ops.py): one sequential pass less per backward (1.43 -> 1.26 ms fwd+bwd at B=8
     # T=2048 H=8 K=V=128, 2026-11-24), for saved memory of twice q's size per call (K = V).
@@ -681,7 +681,7 @@ def _run_out(q, g, v, states, scale, dv):
         q, g, v, states, out, T, H, scale,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, DV=dv,
         LAZY=CONFIG["lazy_path"],
-        num_warps=_cfg(q, v, "out_warps"), num_stages=1,
+        num_warps=_cfg(q, v, "out_warps"), num_stages=CONFIG["out_stages"],
     )
     return out
 
@@ -723,6 +723,6 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None):
     _launch(_dqg_kernel)[(triton.cdiv(T, _BT), B * H, K // BK)](
         q, g, v, do, states, dstates, dq, dg, T, H, scale,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=BV, DT=DT, PREC=PREC, PREC32=PREC32, FAST_RANGE=_FAST_RANGE,
-        LAZY=CONFIG["lazy_path"], num_warps=_cfg(q, v, "dqg_warps"), num_stages=1,
+        LAZY=CONFIG["lazy_path"], num_warps=_cfg(q, v, "dqg_warps"), num_stages=CONFIG["dqg_stages"],
     )
     return dq, dg, dv, dh0
