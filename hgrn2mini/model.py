@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _recompute
 
 from hgrn2mini import checkpoint
 from hgrn2mini.ops import check_state, chunk_hgrn2
@@ -207,6 +208,16 @@ def hgrn2_recurrent_step(
     return o.to(v.dtype), state
 
 
+def _gates(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None):
+    """HGRN2's output gate q = silu(q_logits) and log forget gate g = log f (fp32), with
+    f = lb + (1 - lb) * sigmoid(f_logits), kept in log space so that gates near 1 (deep layers,
+    lb -> 1) keep their resolution."""
+    g = F.logsigmoid(f_logits.float())
+    if lower_bound is not None:
+        g = torch.logaddexp(lower_bound.log(), torch.log1p(-lower_bound) + g)
+    return F.silu(q_logits), g
+
+
 class HGRN2Attention(nn.Module):
     """HGRN2's token mixer (fla's name): gated linear attention with the key tied to the forget gate."""
 
@@ -235,14 +246,15 @@ class HGRN2Attention(nn.Module):
         """x: [B, T, D]; lower_bound: [D] fp32 or None; state: [B, H, K, V] fp32 or None."""
         B, T, D = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        q = F.silu(self.q_proj(x)).view(B, T, H, K)
         v = self.i_proj(x).view(B, T, H, V)
-        # f = lb + (1 - lb) * sigmoid(f_logit), kept in log space in fp32 so that gates near 1
-        # (deep layers, lb -> 1) keep their resolution.
-        g = F.logsigmoid(self.f_proj(x).float())  # [B, T, D]
-        if lower_bound is not None and self.bounded:  # lb[0] = 0 exactly; log(0) would give NaN grads
-            g = torch.logaddexp(lower_bound.log(), torch.log1p(-lower_bound) + g)
-        g = g.view(B, T, H, K)
+        lb = lower_bound if self.bounded else None  # lb[0] = 0 exactly; log(0) would give NaN grads
+        if torch.is_grad_enabled():
+            # Recomputed in the backward from the two projections instead of saved: q in bf16 and
+            # g and its log-space intermediate in fp32 would be 5x a projection's bytes per layer.
+            q, g = _recompute(_gates, self.q_proj(x), self.f_proj(x), lb, use_reentrant=False)
+        else:
+            q, g = _gates(self.q_proj(x), self.f_proj(x), lb)
+        q, g = q.view(B, T, H, K), g.view(B, T, H, K)
         scale = K**-0.5
         if T == 1:
             o, state = hgrn2_recurrent_step(q[:, 0], g[:, 0], v[:, 0], state, scale)
