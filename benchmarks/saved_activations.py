@@ -1,6 +1,6 @@
 """What the compiled training step keeps for the backward, listed without a GPU.
 
-    python benchmarks/saved_activations.py [layers] [B] [T]        (default 2 layers, 8 x 2048)
+    python benchmarks/saved_activations.py [layers] [B] [T] [--json]   (default 2 layers, 8 x 2048)
 
 The 374M model (fewer layers) is built on the meta device and traced by torch.compile with
 Inductor's decompositions and partitioner, but its forward graph is only captured, never run.
@@ -12,6 +12,7 @@ after silu, g (fp32) and logaddexp's fp32 intermediate; the model now recomputes
 """
 
 import functools
+import json
 import sys
 
 import torch
@@ -41,6 +42,8 @@ class _Captured(Exception):
 
 
 def saved_tensors(layers: int, B: int, T: int):
+    """(is_parameter, name, dtype, shape, bytes) of each tensor the forward graph saves. Replaces
+    Triton's driver and the op's path choice for the whole process: run it in a process of its own."""
     triton.runtime.driver.set_active(_Sm90Driver())
     chunk.triton_supported = lambda q, v: True
     graphs = []
@@ -71,9 +74,12 @@ def saved_tensors(layers: int, B: int, T: int):
 
 
 if __name__ == "__main__":
-    args = [int(x) for x in sys.argv[1:4]]
+    args = [int(x) for x in sys.argv[1:4] if x.isdigit()]
     layers, B, T = args + [2, 8, 2048][len(args):]
     rows = saved_tensors(layers, B, T)
+    if "--json" in sys.argv:  # for tests/test_model.py, which runs this in a process of its own
+        print(json.dumps([[p, n, str(d), s, b] for p, n, d, s, b in rows]))
+        sys.exit(0)
     for is_param, name, dtype, shape, nbytes in rows:
         print(f"{nbytes / 1e6:9.1f} MB  {'param' if is_param else 'act  '}  {str(dtype):15s} {shape} {name}")
     acts = sum(r[4] for r in rows if not r[0])

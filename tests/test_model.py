@@ -2,6 +2,12 @@
 shared/HGRN2.md (one step at a time, never calling the op), plus compile, export, state passing,
 generation and input errors."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -336,6 +342,23 @@ def test_compile_regions_matches_eager_with_two_block_graphs():
     for g, w in zip(got_grads, want_grads):
         assert rel_err(g, w) < 10 * TOL_FP32
     torch._dynamo.reset()
+
+
+def test_compiled_step_saves_no_fp32_activations():
+    """The gates are recomputed in the backward (`_gates` under checkpoint), so the compiled step
+    keeps only bf16 activations of a token's size for the backward (the norms' fp32 rstd is one
+    number per token). Traced with the op's Triton path on the meta device, in a process of its
+    own (this one runs Triton's interpreter): no GPU needed."""
+    B, T = 2, 256
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "saved_activations.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script), "2", str(B), str(T), "--json"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    acts = [r for r in json.loads(run.stdout.strip().splitlines()[-1]) if not r[0]]
+    assert any(dtype == "torch.bfloat16" and shape[-1] == 1024 for _, _, dtype, shape, _ in acts), acts
+    fp32 = [(name, shape) for _, name, dtype, shape, nbytes in acts if dtype == "torch.float32" and nbytes >= B * T * 4 * 8]
+    assert not fp32, fp32
 
 
 def test_compiled_decode_step_matches_eager():
