@@ -1,6 +1,10 @@
 """The HGRN2 recurrence op against fla's chunk_gla and causal SDPA, side by side in one run.
 
-    python benchmarks/bench_chunk.py [--out DIR] [--quick] [--shapes 0,1,2] [--no-slow]
+    python benchmarks/bench_chunk.py [--out DIR] [--quick] [--shapes 0,1,2] [--no-slow] [--results FILE]
+
+The table is printed, appended (with date, device, versions and the command) to --results
+(default benchmarks/RESULTS.md beside this script; --results "" to skip) and, with --out, written
+to DIR/bench_chunk.md and DIR/bench_chunk.json.
 
 --shapes picks rows of SHAPES by index (fla autotunes each new shape for a minute or more on a
 fresh machine, so all of them with fla may not fit one device call).
@@ -19,8 +23,10 @@ and writing dq, dg (fp32), dv.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -94,17 +100,18 @@ def run_shape(B, T, H, K, bw, fla, gates="logsigmoid"):
 def table(rows, bw):
     head = (
         "| B, T, H, K | gates | ours fwd | ours fwd+bwd | fla fwd | fla fwd+bwd | fla / ours (f+b) "
-        "| SDPA fwd | SDPA f+b | floor fwd | floor f+b | ours f+b / floor |"
+        "| SDPA fwd | SDPA f+b | floor fwd | floor f+b | ours f+b / floor | ours ns/token (f+b) |"
     )
     lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); times in ms, medians", "", head]
-    lines.append("|" + "|".join(["---"] * 12) + "|")
+    lines.append("|" + "|".join(["---"] * 13) + "|")
     f = lambda r, k: f"{r[k]:.3f}" if k in r else "-"
     for r in rows:
         ratio = f"{r['fla_fwdbwd'] / r['ours_fwdbwd']:.2f}x" if "fla_fwdbwd" in r else "-"
         lines.append(
             f"| {r['B']}, {r['T']}, {r['H']}, {r['K']} | {r['gates']} | {f(r, 'ours_fwd')} | {f(r, 'ours_fwdbwd')} "
             f"| {f(r, 'fla_fwd')} | {f(r, 'fla_fwdbwd')} | {ratio} | {f(r, 'sdpa_fwd')} | {f(r, 'sdpa_fwdbwd')} "
-            f"| {f(r, 'floor_fwd')} | {f(r, 'floor_fwdbwd')} | {r['ours_fwdbwd'] / r['floor_fwdbwd']:.1f} |"
+            f"| {f(r, 'floor_fwd')} | {f(r, 'floor_fwdbwd')} | {r['ours_fwdbwd'] / r['floor_fwdbwd']:.1f} "
+            f"| {r['ours_fwdbwd'] * 1e6 / (r['B'] * r['T']):.1f} |"
         )
     return "\n".join(lines)
 
@@ -115,6 +122,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="only the first shape")
     ap.add_argument("--shapes", help="comma-separated indices into SHAPES (default: all)")
     ap.add_argument("--no-slow", action="store_true", help="skip the all-slow-path gates row")
+    ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+                    help="markdown file the table is appended to ('' for none)")
     args = ap.parse_args()
     try:
         from fla.ops.gla import chunk_gla as fla
@@ -139,6 +148,15 @@ def main():
             json.dump({"copy_Bps": bw, "rows": rows, "torch": torch.__version__}, fh, indent=1)
         with open(os.path.join(args.out, "bench_chunk.md"), "w") as fh:
             fh.write(md + "\n")
+    if args.results:
+        import triton
+
+        fla_version = getattr(sys.modules.get("fla"), "__version__", None)
+        head = (f"\n### {datetime.date.today().isoformat()}, `bench_chunk.py` on {torch.cuda.get_device_name()}\n\n"
+                f"torch {torch.__version__}, Triton {triton.__version__}, fla {fla_version or 'not installed'}. "
+                f"Command: `python benchmarks/bench_chunk.py {' '.join(sys.argv[1:])}`\n\n")
+        with open(args.results, "a") as fh:
+            fh.write(head + md + "\n")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ if [[ $what == check || $what == all ]]; then
   done | tee "$OUT/tests.txt"
 fi
 if [[ $what == bench || $what == all ]]; then
-  PYTHONPATH="/tmp/shim${SITE:+:$SITE}" $P benchmarks/bench_chunk.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  PYTHONPATH="/tmp/shim${SITE:+:$SITE}" $P benchmarks/bench_chunk.py --out "$OUT" --results "$OUT/RESULTS_append.md" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 fi
 if [[ $what == sweep || $what == all ]]; then
   $P benchmarks/sweep_configs.py 2>&1 | tee "$OUT/sweep.log"
