@@ -132,3 +132,17 @@ def test_triton_backward_from_kept_states():
     kept = C.chunk_hgrn2_bwd(q, g, v, h0, do, dht, 0.3, states)
     for a, b in zip(again, kept):
         assert torch.equal(a, b)
+
+
+def test_launch_config_takes_symbolic_shapes():
+    """Under dynamic shapes (opcheck's aot_dispatch_dynamic, torch.compile(dynamic=True)) K and V
+    arrive as SymInts, which do not hash: the per-shape override must compare them, not look
+    them up (it looked them up until 2026-11-24, found by opcheck on the GPU)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(q, v):
+        return q * C._cfg(q, v, "out_bk") + v * C._cfg(q, v, "dqg_warps")
+
+    q, v = torch.randn(3, 128, dtype=torch.bfloat16), torch.randn(3, 128, dtype=torch.bfloat16)
+    gm = make_fx(f, tracing_mode="symbolic")(q, v)
+    assert torch.equal(gm(q, v), f(q, v))
