@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         from hgrn2mini.kernels import chunk
 
         chunk.CONFIG.update(json.loads(args.kernel_config))
+        # Inductor's on-disk caches key on the traced graph, not on CONFIG: a graph compiled under
+        # another CONFIG would be served (seen on 2026-11-24). Compile afresh.
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
     out_dir = os.environ.get("OUT")
     tag = "_".join(models) + ("_regional" if args.regional else "") + ("_kcfg" if args.kernel_config else "")
     out_path = Path(out_dir) / f"bench_lm_{tag}.json" if out_dir else None

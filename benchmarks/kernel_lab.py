@@ -54,9 +54,9 @@ for BS, warps, stages, rev in itertools.product([32, 64], [4, 8], [1, 3], [False
 
 for BK, BVO, warps, dv_ in itertools.product([32, 64, 128], [64, 128], [4, 8], [False, True]):
     report("out", C._out_kernel, (NT, B * H, V // BVO), (q, g, v, states, o, T, H, s), dict(BK=BK, BVO=BVO, DV=dv_),
-           BC=16, FAST_RANGE=C._FAST_RANGE, LAZY=C.CONFIG["lazy_path"], num_warps=warps, **common)
+           BC=16, FAST_RANGE=C._FAST_RANGE, num_warps=warps, **common)
 
 for BK, warps in itertools.product([16, 32, 64], [4, 8]):
     report("dqg", C._dqg_kernel, (NT, B * H, K // BK), (q, g, v, do, states, dstates, dq, dg, T, H, s),
-           dict(BK=BK, BV=BK), BC=16, PREC32=PREC32, FAST_RANGE=C._FAST_RANGE, LAZY=C.CONFIG["lazy_path"],
+           dict(BK=BK, BV=BK), BC=16, PREC32=PREC32, FAST_RANGE=C._FAST_RANGE,
            num_warps=warps, **common)

@@ -54,18 +54,12 @@ def main():
         print("fixup", usage(C._fixup_kernel, ptrs, dict(K=K, V=V, BT=64, BS=64), 4), flush=True)
     if "out" in what:
         for BK, BVO, warps in [(128, 128, 4), (64, 128, 8), (32, 128, 8)]:
-            for lazy in (False, True):
-                c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=60.0, DV=False,
-                         LAZY=lazy)
-                print("out", dict(BK=BK, BVO=BVO, warps=warps, lazy=lazy), usage(C._out_kernel, ptrs, c, warps),
-                      flush=True)
+            c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=60.0, DV=False)
+            print("out", dict(BK=BK, BVO=BVO, warps=warps), usage(C._out_kernel, ptrs, c, warps), flush=True)
     if "dqg" in what:
         for BK, warps in [(64, 8), (32, 4), (16, 4)]:
-            for lazy in (False, True):
-                c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0,
-                         LAZY=lazy)
-                print("dqg", dict(BK=BK, warps=warps, lazy=lazy), usage(C._dqg_kernel, ptrs, c, warps), flush=True)
-
+            c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0)
+            print("dqg", dict(BK=BK, warps=warps), usage(C._dqg_kernel, ptrs, c, warps), flush=True)
 
 if __name__ == "__main__":
     main()

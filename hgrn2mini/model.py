@@ -224,9 +224,8 @@ class HGRN2Attention(nn.Module):
     def __init__(self, config: HGRN2Config, layer_idx: int):
         super().__init__()
         D = config.hidden_size
-        self.layer_idx = layer_idx
-        # Read in forward instead of layer_idx: the compiler specializes on what forward reads,
-        # and a bool keeps every layer after the first on one graph (compile_regions).
+        # A bool, not the layer index, is what forward reads: the compiler specializes on it, and
+        # so every layer after the first shares one graph (compile_regions).
         self.bounded = layer_idx > 0
         self.num_heads = config.num_heads  # H
         self.head_k_dim = config.head_k_dim  # K

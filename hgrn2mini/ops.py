@@ -62,13 +62,14 @@ def _chunk_hgrn2(
     path's chunk-start states when `kernels.chunk.CONFIG["keep_states"]`, as their raw bits in an
     integer dtype (so autograd gives it no gradient), else an empty tensor."""
     _check(q, g, v, initial_state)
+    kept = q.new_empty(0, dtype=_BITS[q.dtype])
     if _chunk.triton_supported(q, v):
         o, hT, states = _chunk.chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale)
         if _chunk.CONFIG["keep_states"]:
-            return o, hT, states.view(_BITS[states.dtype])
-        return o, hT, q.new_empty(0, dtype=_BITS[q.dtype])
-    o, hT = _chunk.chunk_hgrn2_fwd_ref(q, g, v, initial_state, scale)
-    return o, hT, q.new_empty(0, dtype=_BITS[q.dtype])
+            kept = states.view(_BITS[states.dtype])
+    else:
+        o, hT = _chunk.chunk_hgrn2_fwd_ref(q, g, v, initial_state, scale)
+    return o, hT, kept
 
 
 @triton_op("hgrn2mini::chunk_hgrn2_bwd", mutates_args=())

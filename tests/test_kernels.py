@@ -19,6 +19,28 @@ TOL = 1e-4
 _examples = min(settings().max_examples, 10) if DEVICE == "cpu" else settings().max_examples
 
 
+def _gates(gate: str, shape) -> torch.Tensor:
+    """g by regime: "strong_decay" is uniform in [-30, 0] (every sub-block on the pair-by-pair
+    in-chunk path); the others are logsigmoid(randn + shift): "moderate" (shift 0), "decay3" (-3:
+    chunks past e^120, the sub-block path), "long_memory" (+2: state carried across segments)."""
+    if gate == "strong_decay":
+        return -30 * torch.rand(shape)
+    shift = {"moderate": 0.0, "decay3": -3.0, "long_memory": 2.0}[gate]
+    return torch.nn.functional.logsigmoid(torch.randn(shape) + shift)
+
+
+def _fwd_bwd_errors(q, g, v, h0, do, dht, scale) -> dict:
+    """Relative errors of the kernels' o, final state, dq, dg, dv, dh0 against the float64
+    chunked reference."""
+    got = C.chunk_hgrn2_fwd(q, g, v, h0, scale) + C.chunk_hgrn2_bwd(q, g, v, h0, do, dht, scale)
+    d = lambda x: x.double() if x is not None else None
+    want = C.chunk_hgrn2_fwd_ref(d(q), d(g), d(v), d(h0), scale) + C.chunk_hgrn2_bwd_ref(
+        d(q), d(g), d(v), d(h0), d(do), d(dht), scale
+    )
+    names = ["o", "final_state", "dq", "dg", "dv", "dh0"]
+    return {n: rel_err(a, b) for n, a, b in zip(names, got, want)}
+
+
 @settings(max_examples=_examples)
 @with_hard_cases
 @given(problems(max_T=150, dims=(16, 32), max_B=1, max_H=2))
@@ -47,10 +69,7 @@ def test_triton_kernels_without_final_state_gradient(gate):
     torch.manual_seed(1)
     B, T, H, K, V = 1, 100, 1, 16, 16
     q, v, do = torch.randn(B, T, H, K), torch.randn(B, T, H, V), torch.randn(B, T, H, V)
-    if gate == "strong_decay":  # every sub-block on the slow in-chunk path
-        g = -30 * torch.rand(B, T, H, K)
-    else:
-        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K))
+    g = _gates(gate, (B, T, H, K))
     q, g, v, do = (x.to(DEVICE) for x in (q, g, v, do))
     got = C.chunk_hgrn2_bwd(q, g, v, None, do, None, 0.25)
     want = C.chunk_hgrn2_bwd_ref(q.double(), g.double(), v.double(), None, do.double(), None, 0.25)
@@ -61,34 +80,24 @@ def test_triton_kernels_without_final_state_gradient(gate):
 # Several key blocks per program (the forward / dv kernel takes 64 key channels at a time, dq/dg
 # 32) and each in-chunk path: one reference per chunk (moderate gates), 16-row sub-blocks (a chunk
 # decaying by more than e^120), pair by pair (a sub-block decaying by more than e^60).
-# Both forms of the path choice (CONFIG["lazy_path"]) give the same numbers.
-@pytest.mark.parametrize("lazy", [False, True], ids=["branch_free", "lazy"])
 @pytest.mark.parametrize(
     "K, V, T, gate",
     [(128, 16, 70, "moderate"), (64, 32, 150, "decay3"), (64, 64, 100, "strong_decay")],
 )
-def test_triton_kernels_key_blocks_and_paths(K, V, T, gate, lazy, monkeypatch):
-    monkeypatch.setitem(C.CONFIG, "lazy_path", lazy)
+def test_triton_kernels_key_blocks_and_paths(K, V, T, gate):
     torch.manual_seed(2)
     B, H = 1, 2
     q, v = torch.randn(B, T, H, K), torch.randn(B, T, H, V)
     do, h0, dht = torch.randn(B, T, H, V), torch.randn(B, H, K, V), torch.randn(B, H, K, V)
-    if gate == "strong_decay":
-        g = -30 * torch.rand(B, T, H, K)
-    else:
-        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) - (3 if gate == "decay3" else 0))
+    g = _gates(gate, (B, T, H, K))
     q, g, v, do, h0, dht = (x.to(DEVICE) for x in (q, g, v, do, h0, dht))
-    got = C.chunk_hgrn2_fwd(q, g, v, h0, 0.3) + C.chunk_hgrn2_bwd(q, g, v, h0, do, dht, 0.3)
-    d = [x.double() for x in (q, g, v, h0)]
-    want = C.chunk_hgrn2_fwd_ref(*d, 0.3) + C.chunk_hgrn2_bwd_ref(*d, do.double(), dht.double(), 0.3)
-    names = ["o", "final_state", "dq", "dg", "dv", "dh0"]
-    errs = {n: rel_err(a, b) for n, a, b in zip(names, got, want)}
+    errs = _fwd_bwd_errors(q, g, v, h0, do, dht, 0.3)
     assert all(e <= TOL for e in errs.values()), errs
 
 
 # The state walk cut into segments walked in parallel, then joined (CONFIG max_segments): forced
 # here on small shapes; uneven segments (10 and 11 chunks into 4), with and without states.
-@pytest.mark.parametrize("T, with_state, gate", [(600, True, "moderate"), (650, False, "strong_decay")])
+@pytest.mark.parametrize("T, with_state, gate", [(600, True, "long_memory"), (650, False, "strong_decay")])
 def test_triton_kernels_segmented_state_walk(T, with_state, gate, monkeypatch):
     monkeypatch.setitem(C.CONFIG, "max_segments", 8)
     monkeypatch.setitem(C.CONFIG, "min_segment_chunks", 1)
@@ -99,22 +108,13 @@ def test_triton_kernels_segmented_state_walk(T, with_state, gate, monkeypatch):
     torch.manual_seed(3)
     B, H, K, V = 1, 2, 16, 32
     q, v, do = torch.randn(B, T, H, K), torch.randn(B, T, H, V), torch.randn(B, T, H, V)
-    if gate == "strong_decay":
-        g = -30 * torch.rand(B, T, H, K)
-    else:
-        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) + 2)  # long memory across segments
+    g = _gates(gate, (B, T, H, K))
     h0 = torch.randn(B, H, K, V) if with_state else None
     dht = torch.randn(B, H, K, V) if with_state else None
     q, g, v, do = (x.to(DEVICE) for x in (q, g, v, do))
     h0, dht = (x.to(DEVICE) if x is not None else None for x in (h0, dht))
-    got = C.chunk_hgrn2_fwd(q, g, v, h0, 0.3) + C.chunk_hgrn2_bwd(q, g, v, h0, do, dht, 0.3)
+    errs = _fwd_bwd_errors(q, g, v, h0, do, dht, 0.3)
     assert launched.count(C._segment_kernel) == 3  # forward; backward: states again, and their gradients
-    d = lambda x: x.double() if x is not None else None
-    want = C.chunk_hgrn2_fwd_ref(d(q), d(g), d(v), d(h0), 0.3) + C.chunk_hgrn2_bwd_ref(
-        d(q), d(g), d(v), d(h0), d(do), d(dht), 0.3
-    )
-    names = ["o", "final_state", "dq", "dg", "dv", "dh0"]
-    errs = {n: rel_err(a, b) for n, a, b in zip(names, got, want)}
     assert all(e <= TOL for e in errs.values()), errs
 
 
@@ -123,7 +123,7 @@ def test_triton_backward_from_kept_states():
     sequence again, bit for bit."""
     torch.manual_seed(4)
     B, T, H, K, V = 1, 150, 2, 16, 32
-    q, g = torch.randn(B, T, H, K), torch.nn.functional.logsigmoid(torch.randn(B, T, H, K))
+    q, g = torch.randn(B, T, H, K), _gates("moderate", (B, T, H, K))
     v, do = torch.randn(B, T, H, V), torch.randn(B, T, H, V)
     h0, dht = torch.randn(B, H, K, V), torch.randn(B, H, K, V)
     q, g, v, do, h0, dht = (x.to(DEVICE) for x in (q, g, v, do, h0, dht))
