@@ -1,10 +1,11 @@
 """Each Triton kernel of the op on its own, over launch configurations: registers, spills and
 do_bench median time (device machine). For choosing CONFIG, not a benchmark of the op.
 
-    python benchmarks/kernel_lab.py [B T H K]
+    python benchmarks/kernel_lab.py [B T H K]     (env LAB=state,out,dqg picks the kernels)
 """
 
 import itertools
+import os
 import sys
 
 import torch
@@ -27,6 +28,7 @@ dstates = torch.randn_like(states)
 hT = torch.empty(B, H, K, V, device=dev)
 o = torch.empty_like(v)
 dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
+flags = torch.empty(B * H * NT * K, device=dev, dtype=torch.int8)  # enough for any grid below
 
 
 def report(name, kernel, grid, args, cfg, **meta):
@@ -47,16 +49,18 @@ def report(name, kernel, grid, args, cfg, **meta):
 
 
 common = dict(K=K, V=V, BT=64, DT=DT, PREC=PREC)
-for BS, warps, stages, rev in itertools.product([32, 64], [4, 8], [1, 3], [False, True]):
+LAB = os.environ.get("LAB", "state,out,dqg").split(",")
+for BS, warps, stages, rev in itertools.product([32, 64], [4, 8], [1, 3], [False, True]) if "state" in LAB else []:
     report("state", C._state_kernel, (K // BS, V // BS, B * H),
            (q, g, do if rev else v, hT, states, hT, hT, hT, T, H, s, 1), dict(BS=BS, REVERSE=rev),
            HAS_H0=False, SEGMENTED=False, num_warps=warps, num_stages=stages, **common)
 
-for BK, BVO, warps, dv_ in itertools.product([32, 64, 128], [64, 128], [4, 8], [False, True]):
-    report("out", C._out_kernel, (NT, B * H, V // BVO), (q, g, v, states, o, T, H, s), dict(BK=BK, BVO=BVO, DV=dv_),
-           BC=16, FAST_RANGE=C._FAST_RANGE, num_warps=warps, **common)
+for BK, BVO, warps, dv_ in itertools.product([32, 64, 128], [64, 128], [4, 8], [False, True]) if "out" in LAB else []:
+    # The whole-chunk variant: the GENERAL one only redoes flagged programs (none with these gates).
+    report("out", C._out_kernel, (V // BVO, NT, B * H), (q, g, v, states, o, T, H, s, flags),
+           dict(BK=BK, BVO=BVO, DV=dv_), BC=16, FAST_RANGE=C._FAST_RANGE, GENERAL=False, num_warps=warps, **common)
 
-for BK, warps in itertools.product([16, 32, 64], [4, 8]):
-    report("dqg", C._dqg_kernel, (NT, B * H, K // BK), (q, g, v, do, states, dstates, dq, dg, T, H, s),
-           dict(BK=BK, BV=BK), BC=16, PREC32=PREC32, FAST_RANGE=C._FAST_RANGE,
+for BK, warps in itertools.product([16, 32, 64], [4, 8]) if "dqg" in LAB else []:
+    report("dqg", C._dqg_kernel, (K // BK, NT, B * H), (q, g, v, do, states, dstates, dq, dg, T, H, s, flags),
+           dict(BK=BK, BV=BK), BC=16, PREC32=PREC32, FAST_RANGE=C._FAST_RANGE, GENERAL=False,
            num_warps=warps, **common)

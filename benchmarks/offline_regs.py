@@ -42,7 +42,7 @@ def main():
     what = set(sys.argv[1:]) or {"state", "out", "dqg"}
     ptrs = dict(q="*bf16", g="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
                 dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", scale="fp32", NSEG="i32",
-                decay="*fp32", seg_decay="*fp32", seg_end="*fp32", h_in="*fp32")
+                decay="*fp32", seg_decay="*fp32", seg_end="*fp32", h_in="*fp32", flags="*i8")
     if "state" in what:
         for BS, warps, stages, rev, seg in [(64, 4, 3, False, False), (64, 4, 3, True, False), (32, 4, 3, False, False),
                                             (64, 4, 3, False, True), (64, 4, 3, True, True)]:
@@ -53,13 +53,18 @@ def main():
             print("segment", usage(C._segment_kernel, ptrs, dict(K=K, V=V, BS=64, REVERSE=rev), 4), flush=True)
         print("fixup", usage(C._fixup_kernel, ptrs, dict(K=K, V=V, BT=64, BS=64), 4), flush=True)
     if "out" in what:
-        for BK, BVO, warps in [(128, 128, 4), (64, 128, 8), (32, 128, 8)]:
-            c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=60.0, DV=False)
-            print("out", dict(BK=BK, BVO=BVO, warps=warps), usage(C._out_kernel, ptrs, c, warps), flush=True)
+        for BK, BVO, warps, general in [(128, 128, 4, False), (64, 128, 8, False), (64, 128, 4, False),
+                                        (32, 128, 8, False), (64, 128, 8, True)]:
+            c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=60.0, DV=False,
+                     GENERAL=general)
+            print("out", dict(BK=BK, BVO=BVO, warps=warps, general=general), usage(C._out_kernel, ptrs, c, warps),
+                  flush=True)
     if "dqg" in what:
-        for BK, warps in [(64, 8), (32, 4), (16, 4)]:
-            c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0)
-            print("dqg", dict(BK=BK, warps=warps), usage(C._dqg_kernel, ptrs, c, warps), flush=True)
+        for BK, warps, general in [(64, 8, False), (32, 4, False), (32, 8, False), (16, 4, False), (64, 8, True)]:
+            c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0,
+                     GENERAL=general)
+            print("dqg", dict(BK=BK, warps=warps, general=general), usage(C._dqg_kernel, ptrs, c, warps),
+                  flush=True)
 
 if __name__ == "__main__":
     main()

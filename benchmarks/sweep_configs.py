@@ -1,9 +1,11 @@
 """Speed of the Triton path over launch configurations, at every benchmark shape (device machine).
 
-    python benchmarks/sweep_configs.py [--quick] [--configs JSON]   (or JSON in env SWEEP_CONFIGS)
+    python benchmarks/sweep_configs.py [--quick | --shapes i,j] [--configs JSON]
+                                       (or JSON in env SWEEP_CONFIGS, shapes in SWEEP_SHAPES)
 
 Ours only (fla and SDPA are in bench_chunk.py): do_bench medians in ms, fwd and fwd+bwd, and the
-time per token of fwd+bwd, bf16, g = logsigmoid(randn). Each config is a dict of CONFIG updates.
+time per token of fwd+bwd, bf16, g = logsigmoid(randn). Each config is a dict of CONFIG updates;
+they apply to the per-shape overrides (chunk.FAST) too, so what is swept is what runs.
 Each config is first checked against the float64 chunked reference (B=1, T=4096, H=2, K=V=128,
 half the channels strongly decaying, initial state and final-state gradient: long enough for the
 segmented state walk): its relative errors are printed before its times.
@@ -31,7 +33,11 @@ else:
     CONFIGS = json.loads(os.environ.get("SWEEP_CONFIGS", "[{}]"))
 if "--quick" in sys.argv:
     SHAPES = SHAPES[:1]
+picked = sys.argv[sys.argv.index("--shapes") + 1] if "--shapes" in sys.argv else os.environ.get("SWEEP_SHAPES")
+if picked:
+    SHAPES = [SHAPES[int(i)] for i in picked.split(",")]
 base = dict(C.CONFIG)
+base_fast = {key: dict(o) for key, o in C.FAST.items()}
 
 
 def inputs(B, T, H, K):
@@ -44,6 +50,8 @@ def inputs(B, T, H, K):
 for cfg in CONFIGS:
     C.CONFIG.clear()
     C.CONFIG.update(base, **cfg)
+    for key, override in base_fast.items():
+        C.FAST[key] = {**override, **cfg}
     print(json.dumps(dict(cfg=cfg, rel_err_bf16=errors(128, 128, torch.bfloat16, B=1, T=4096, gates="mixed"))),
           flush=True)
     for B, T, H, K in SHAPES:

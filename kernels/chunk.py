@@ -300,6 +300,21 @@ if triton is not None:
         return eq, ek, (qs * eq).to(DT), (k * ek).to(DT), pair
 
     @triton.jit
+    def _whole(qs, k, b, b_last, DT: tl.constexpr):
+        """Matmul factors of the whole chunk referred to m = b_last / 2: (qs exp(b - m)) and
+        (k exp(m - b)), in range while the chunk decays by at most 2 * FAST_RANGE."""
+        ref = 0.5 * b_last[None, :]
+        eq = tl.exp(b - ref)
+        ek = tl.exp(ref - b)
+        return eq, ek, (qs * eq).to(DT), (k * ek).to(DT)
+
+    @triton.jit
+    def _bad(b_last, FAST_RANGE: tl.constexpr):
+        """1 where a key block's chunk decays by more than 2 * FAST_RANGE in some channel (the
+        whole-chunk factors leave their range: the GENERAL kernel variant redoes the program)."""
+        return (tl.min(b_last, 0) < -2.0 * FAST_RANGE).to(tl.int8)
+
+    @triton.jit
     def _near(b, k, rows, j, BC: tl.constexpr):
         """Slow path, key j: exp(b_i - b_j) for the rows i > j of its sub-block (else 0), and k_j."""
         bj = _row(b, rows, j)
@@ -308,42 +323,55 @@ if triton is not None:
 
     @triton.jit
     def _pairs_A(qs, k, gc, b, b_last, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                 BC: tl.constexpr, BK: tl.constexpr, FAST_RANGE: tl.constexpr):
+                 BC: tl.constexpr, BK: tl.constexpr, FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr):
         """A[i, j] = sum_k qs_i k_j exp(b_i - b_j) for j <= i of one key block (qs = scale * q,
-        k, b: [BT, BK] fp32); the diagonal summed in fp32, never rounded to the matmul dtype."""
-        whole, slow, n_sub, size, own = _path(gc, b_last, BT, BC, BK, FAST_RANGE)
+        k, b: [BT, BK] fp32); the diagonal summed in fp32, never rounded to the matmul dtype.
+        Not GENERAL: the whole-chunk path only (valid where the chunk decays by at most
+        2 * FAST_RANGE, see `_whole`)."""
         A = tl.where(rows[:, None] == rows[None, :], tl.sum(qs * k, 1)[:, None], 0.0)
-        for s in range(0, n_sub):
-            eq, ek, Qs, Ks, pair = _block(qs, k, b, b_last, rows, s, size, own, BT, DT)
-            # Products outside `pair` may overflow to inf: they are discarded, never summed.
-            A += tl.where(pair, tl.dot(Qs, tl.trans(Ks), input_precision=PREC), 0.0)
-        if slow:
-            for j in range(0, BT):
-                E, kj = _near(b, k, rows, j, BC)
-                col = tl.sum(qs * kj[None, :] * E, 1)
-                A += tl.where(rows[None, :] == j, col[:, None], 0.0)
+        if GENERAL:
+            whole, slow, n_sub, size, own = _path(gc, b_last, BT, BC, BK, FAST_RANGE)
+            for s in range(0, n_sub):
+                eq, ek, Qs, Ks, pair = _block(qs, k, b, b_last, rows, s, size, own, BT, DT)
+                # Products outside `pair` may overflow to inf: they are discarded, never summed.
+                A += tl.where(pair, tl.dot(Qs, tl.trans(Ks), input_precision=PREC), 0.0)
+            if slow:
+                for j in range(0, BT):
+                    E, kj = _near(b, k, rows, j, BC)
+                    col = tl.sum(qs * kj[None, :] * E, 1)
+                    A += tl.where(rows[None, :] == j, col[:, None], 0.0)
+        else:
+            eq, ek, Qs, Ks = _whole(qs, k, b, b_last, DT)
+            A += tl.where(rows[:, None] > rows[None, :], tl.dot(Qs, tl.trans(Ks), input_precision=PREC), 0.0)
         return A
 
     @triton.jit
     def _pairs_grad(qs, k, gc, b, b_last, dA, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                    BC: tl.constexpr, BK: tl.constexpr, FAST_RANGE: tl.constexpr):
+                    BC: tl.constexpr, BK: tl.constexpr, FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr):
         """Through the pairs j < i (dA strictly lower, [BT, BT]) of one key block:
-        dq[i] = sum_j dA_ij k_j exp(b_i - b_j),  dk[j] = sum_i dA_ij qs_i exp(b_i - b_j)."""
-        whole, slow, n_sub, size, own = _path(gc, b_last, BT, BC, BK, FAST_RANGE)
-        dq = tl.zeros_like(qs)
-        dk = tl.zeros_like(qs)
-        for s in range(0, n_sub):
-            eq, ek, Qs, Ks, pair = _block(qs, k, b, b_last, rows, s, size, own, BT, DT)
-            dAs = tl.where(pair, dA, 0.0).to(DT)
-            dq += eq * tl.dot(dAs, Ks, input_precision=PREC)
-            dk += ek * tl.dot(tl.trans(dAs), Qs, input_precision=PREC)
-        if slow:
-            for j in range(0, BT):
-                E, kj = _near(b, k, rows, j, BC)
-                dAj = tl.sum(tl.where(rows[None, :] == j, dA, 0.0), 1)
-                dq += dAj[:, None] * kj[None, :] * E
-                dkj = tl.sum(dAj[:, None] * qs * E, 0)
-                dk += tl.where(rows[:, None] == j, dkj[None, :], 0.0)
+        dq[i] = sum_j dA_ij k_j exp(b_i - b_j),  dk[j] = sum_i dA_ij qs_i exp(b_i - b_j).
+        Not GENERAL: the whole-chunk path only, as in `_pairs_A`."""
+        if GENERAL:
+            whole, slow, n_sub, size, own = _path(gc, b_last, BT, BC, BK, FAST_RANGE)
+            dq = tl.zeros_like(qs)
+            dk = tl.zeros_like(qs)
+            for s in range(0, n_sub):
+                eq, ek, Qs, Ks, pair = _block(qs, k, b, b_last, rows, s, size, own, BT, DT)
+                dAs = tl.where(pair, dA, 0.0).to(DT)
+                dq += eq * tl.dot(dAs, Ks, input_precision=PREC)
+                dk += ek * tl.dot(tl.trans(dAs), Qs, input_precision=PREC)
+            if slow:
+                for j in range(0, BT):
+                    E, kj = _near(b, k, rows, j, BC)
+                    dAj = tl.sum(tl.where(rows[None, :] == j, dA, 0.0), 1)
+                    dq += dAj[:, None] * kj[None, :] * E
+                    dkj = tl.sum(dAj[:, None] * qs * E, 0)
+                    dk += tl.where(rows[:, None] == j, dkj[None, :], 0.0)
+        else:
+            eq, ek, Qs, Ks = _whole(qs, k, b, b_last, DT)
+            dAs = dA.to(DT)  # strictly lower already
+            dq = eq * tl.dot(dAs, Ks, input_precision=PREC)
+            dk = ek * tl.dot(tl.trans(dAs), Qs, input_precision=PREC)
         return dq, dk
 
     @triton.jit
@@ -465,108 +493,129 @@ if triton is not None:
     @triton.jit
     def _out_kernel(
         q, g, v, states, o,  # q, g [B, T, H, K]; v, o [B, T, H, V]; states [B*H, NT, K, V]
-        T, H, scale,
+        T, H, scale, flags,  # flags [grid size] int8: programs the GENERAL variant redoes
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
-        DV: tl.constexpr,
+        DV: tl.constexpr, GENERAL: tl.constexpr,
     ):
         """One chunk, BVO value channels; A built over key blocks in registers, never stored.
 
         forward:   o  = (scale q exp(b)) @ h_start        + A   @ v     (states: chunk starts)
         DV:        dv = (k exp(b_last - b)) @ dh_end      + A^T @ do    (v is do, o is dv,
                                                                           states: end gradients)
+        Launched twice (`_two_pass`): the first variant takes the whole-chunk in-chunk path only
+        and flags the programs whose chunk decays past it; the GENERAL variant redoes those and
+        returns at once elsewhere.
         """
-        n, bh, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        iv, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
-        # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
-        scale = tl.cast(scale, tl.float32)
-        t0 = n * BT
-        rows = tl.arange(0, BT)
-        cv = iv * BVO + tl.arange(0, BVO)
-        offk, offv = _head(bh, T, H, K, V)
-        st = states + (bh * NT + n) * K * V
-        A = tl.zeros([BT, BT], dtype=tl.float32)
-        oc = tl.zeros([BT, BVO], dtype=tl.float32)
-        for kb in range(0, K // BK):
-            ck = kb * BK + tl.arange(0, BK)
-            qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
-            gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
-            b = tl.cumsum(gc, 0)
-            b_last = tl.sum(gc, 0)
-            k = -_expm1(gc)
-            A += _pairs_A(qs, k, gc, b, b_last, rows, DT, PREC, BT, BC, BK, FAST_RANGE)
+        pid = (bh * NT + n) * (V // BVO) + iv
+        run = True
+        if GENERAL:
+            run = tl.load(flags + pid) != 0
+        if run:
+            # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
+            scale = tl.cast(scale, tl.float32)
+            t0 = n * BT
+            rows = tl.arange(0, BT)
+            cv = iv * BVO + tl.arange(0, BVO)
+            offk, offv = _head(bh, T, H, K, V)
+            st = states + (bh * NT + n) * K * V
+            A = tl.zeros([BT, BT], dtype=tl.float32)
+            oc = tl.zeros([BT, BVO], dtype=tl.float32)
+            bad = tl.zeros([], dtype=tl.int8)
+            for kb in range(0, K // BK):
+                ck = kb * BK + tl.arange(0, BK)
+                qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
+                gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
+                b = tl.cumsum(gc, 0)
+                b_last = tl.sum(gc, 0)
+                k = -_expm1(gc)
+                A += _pairs_A(qs, k, gc, b, b_last, rows, DT, PREC, BT, BC, BK, FAST_RANGE, GENERAL)
+                bad = tl.maximum(bad, _bad(b_last, FAST_RANGE))
+                if DV:
+                    x = k * tl.exp(b_last[None, :] - b)
+                else:
+                    x = qs * tl.exp(b)
+                h = tl.load(st + ck[:, None] * V + cv[None, :])
+                oc += tl.dot(x.to(DT), h.to(DT), input_precision=PREC)
+            vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
             if DV:
-                x = k * tl.exp(b_last[None, :] - b)
+                oc += tl.dot(tl.trans(A.to(DT)), vc, input_precision=PREC)
             else:
-                x = qs * tl.exp(b)
-            h = tl.load(st + ck[:, None] * V + cv[None, :])
-            oc += tl.dot(x.to(DT), h.to(DT), input_precision=PREC)
-        vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
-        if DV:
-            oc += tl.dot(tl.trans(A.to(DT)), vc, input_precision=PREC)
-        else:
-            oc += tl.dot(A.to(DT), vc, input_precision=PREC)
-        _store_tile(o + offv, oc, t0, T, H * V, rows, cv)
+                oc += tl.dot(A.to(DT), vc, input_precision=PREC)
+            _store_tile(o + offv, oc, t0, T, H * V, rows, cv)
+            if not GENERAL:
+                tl.store(flags + pid, bad)
 
     @triton.jit
     def _dqg_kernel(
         q, g, v, do,  # [B, T, H, K] / [B, T, H, V]
         states, dstates,  # [B*H, NT, K, V]: chunk-start states; gradients of chunk-end states
         dq, dg,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32
-        T, H, scale,
+        T, H, scale, flags,  # flags as in _out_kernel
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
-        FAST_RANGE: tl.constexpr,
+        FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr,
     ):
         """dq and dg of one chunk and BK key channels (formulas in chunk_hgrn2_bwd_ref): every
-        term is separable over the key channels."""
-        n, bh, ik = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        term is separable over the key channels. Two variants as in `_out_kernel`. The key
+        blocks of a chunk are neighbours in the grid, so v and do, which each reads whole, come
+        from L2 after the first."""
+        ik, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
-        # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
-        scale = tl.cast(scale, tl.float32)
-        t0 = n * BT
-        rows = tl.arange(0, BT)
-        ck = ik * BK + tl.arange(0, BK)
-        offk, offv = _head(bh, T, H, K, V)
-        st = states + (bh * NT + n) * K * V
-        dst = dstates + (bh * NT + n) * K * V
-        dA = tl.zeros([BT, BT], dtype=tl.float32)
-        dq_h = tl.zeros([BT, BK], dtype=tl.float32)  # do @ h_start^T
-        dk_h = tl.zeros([BT, BK], dtype=tl.float32)  # v @ dh_end^T
-        outside = tl.zeros([BK], dtype=tl.float32)  # rowsum(dh_end * h_start)
-        for iv in range(0, V // BV):
-            cv = iv * BV + tl.arange(0, BV)
-            vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
-            doc = _load_tile(do + offv, t0, T, H * V, rows, cv).to(DT)
-            h = tl.load(st + ck[:, None] * V + cv[None, :])
-            dh = tl.load(dst + ck[:, None] * V + cv[None, :])
-            dA += tl.dot(doc, tl.trans(vc), input_precision=PREC)
-            dq_h += tl.dot(doc, tl.trans(h.to(DT)), input_precision=PREC)
-            dk_h += tl.dot(vc, tl.trans(dh.to(DT)), input_precision=PREC)
-            outside += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 1)
-        qc = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32)
-        gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
-        b = tl.cumsum(gc, 0)
-        b_last = tl.sum(gc, 0)
-        k = -_expm1(gc)
-        qs = qc * scale
-        # Pairs j < i through _pairs_grad; the diagonal (decay exp(0) = 1) on its own, so that dg below
-        # never cancels it (see chunk_hgrn2_bwd_ref).
-        diag = tl.sum(tl.where(rows[:, None] == rows[None, :], dA, 0.0), 1)
-        dA = tl.where(rows[:, None] > rows[None, :], dA, 0.0)
-        dq_in, dk_in = _pairs_grad(qs, k, gc, b, b_last, dA, rows, DT, PREC, BT, BC, BK, FAST_RANGE)
-        dq_h = scale * tl.exp(b) * dq_h
-        dk_h = tl.exp(b_last[None, :] - b) * dk_h
-        dqc = dq_h + scale * (dq_in + diag[:, None] * k)
-        dkc = dk_h + dk_in + diag[:, None] * qs
-        # sum over j < t of k_j dk_h_j: a strictly lower-triangular matmul instead of an inclusive
-        # cumsum minus the row (which would cancel when the row dominates).
-        before = (rows[:, None] > rows[None, :]).to(tl.float32)
-        keys_before = tl.dot(before, k * dk_h, input_precision=PREC32)
-        later = tl.cumsum(qc * (dq_h + scale * dq_in) - k * dk_in, 0, reverse=True)
-        dgc = tl.exp(b_last)[None, :] * outside[None, :] + keys_before + later - tl.exp(gc) * dkc
-        _store_tile(dq + offk, dqc, t0, T, H * K, rows, ck)
-        _store_tile(dg + offk, dgc, t0, T, H * K, rows, ck)
+        pid = (bh * NT + n) * (K // BK) + ik
+        run = True
+        if GENERAL:
+            run = tl.load(flags + pid) != 0
+        if run:
+            # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
+            scale = tl.cast(scale, tl.float32)
+            t0 = n * BT
+            rows = tl.arange(0, BT)
+            ck = ik * BK + tl.arange(0, BK)
+            offk, offv = _head(bh, T, H, K, V)
+            st = states + (bh * NT + n) * K * V
+            dst = dstates + (bh * NT + n) * K * V
+            dA = tl.zeros([BT, BT], dtype=tl.float32)
+            dq_h = tl.zeros([BT, BK], dtype=tl.float32)  # do @ h_start^T
+            dk_h = tl.zeros([BT, BK], dtype=tl.float32)  # v @ dh_end^T
+            outside = tl.zeros([BK], dtype=tl.float32)  # rowsum(dh_end * h_start)
+            for iv in range(0, V // BV):
+                cv = iv * BV + tl.arange(0, BV)
+                vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
+                doc = _load_tile(do + offv, t0, T, H * V, rows, cv).to(DT)
+                h = tl.load(st + ck[:, None] * V + cv[None, :])
+                dh = tl.load(dst + ck[:, None] * V + cv[None, :])
+                dA += tl.dot(doc, tl.trans(vc), input_precision=PREC)
+                dq_h += tl.dot(doc, tl.trans(h.to(DT)), input_precision=PREC)
+                dk_h += tl.dot(vc, tl.trans(dh.to(DT)), input_precision=PREC)
+                outside += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 1)
+            qc = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32)
+            gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
+            b = tl.cumsum(gc, 0)
+            b_last = tl.sum(gc, 0)
+            k = -_expm1(gc)
+            qs = qc * scale
+            # Pairs j < i through _pairs_grad; the diagonal (decay exp(0) = 1) on its own, so that dg
+            # below never cancels it (see chunk_hgrn2_bwd_ref).
+            diag = tl.sum(tl.where(rows[:, None] == rows[None, :], dA, 0.0), 1)
+            dA = tl.where(rows[:, None] > rows[None, :], dA, 0.0)
+            dq_in, dk_in = _pairs_grad(qs, k, gc, b, b_last, dA, rows, DT, PREC, BT, BC, BK, FAST_RANGE, GENERAL)
+            dq_h = scale * tl.exp(b) * dq_h
+            dk_h = tl.exp(b_last[None, :] - b) * dk_h
+            dqc = dq_h + scale * (dq_in + diag[:, None] * k)
+            dkc = dk_h + dk_in + diag[:, None] * qs
+            # sum over j < t of k_j dk_h_j: a strictly lower-triangular matmul instead of an inclusive
+            # cumsum minus the row (which would cancel when the row dominates).
+            before = (rows[:, None] > rows[None, :]).to(tl.float32)
+            keys_before = tl.dot(before, k * dk_h, input_precision=PREC32)
+            later = tl.cumsum(qc * (dq_h + scale * dq_in) - k * dk_in, 0, reverse=True)
+            dgc = tl.exp(b_last)[None, :] * outside[None, :] + keys_before + later - tl.exp(gc) * dkc
+            _store_tile(dq + offk, dqc, t0, T, H * K, rows, ck)
+            _store_tile(dg + offk, dgc, t0, T, H * K, rows, ck)
+            if not GENERAL:
+                tl.store(flags + pid, _bad(b_last, FAST_RANGE))
 
 
 def _interpreting() -> bool:
@@ -577,6 +626,14 @@ def _launch(kernel):
     # wrap_triton lets Inductor see the kernel inside the triton_op; the interpreter (CPU tests)
     # runs the raw kernel.
     return kernel if _interpreting() else wrap_triton(kernel)
+
+
+def _two_pass(kernel, grid, *args, **meta):
+    """Launches kernel[grid] as its whole-chunk variant, then as its GENERAL variant, which redoes
+    the programs the first flagged (chunks decaying by more than e^120) and returns elsewhere."""
+    flags = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
+    for general in (False, True):
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=general, **meta)
 
 
 def _dot_config(dtype: torch.dtype):
@@ -665,8 +722,8 @@ def _run_out(q, g, v, states, scale, dv):
     DT, PREC, _ = _dot_config(q.dtype)
     out = torch.empty_like(v)
     BK, BVO = min(K, _cfg(q, v, "out_bk")), min(V, CONFIG["out_bv"])
-    _launch(_out_kernel)[(triton.cdiv(T, _BT), B * H, V // BVO)](
-        q, g, v, states, out, T, H, scale,
+    _two_pass(
+        _out_kernel, (V // BVO, triton.cdiv(T, _BT), B * H), q, g, v, states, out, T, H, scale,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, DV=dv,
         num_warps=_cfg(q, v, "out_warps"), num_stages=CONFIG["out_stages"],
     )
@@ -707,8 +764,8 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None):
     # H100 with Triton 3.6, so BV = BK.
     BK = min(K, _cfg(q, v, "dqg_bk"))
     BV = min(V, BK)
-    _launch(_dqg_kernel)[(triton.cdiv(T, _BT), B * H, K // BK)](
-        q, g, v, do, states, dstates, dq, dg, T, H, scale,
+    _two_pass(
+        _dqg_kernel, (K // BK, triton.cdiv(T, _BT), B * H), q, g, v, do, states, dstates, dq, dg, T, H, scale,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=BV, DT=DT, PREC=PREC, PREC32=PREC32, FAST_RANGE=_FAST_RANGE,
         num_warps=_cfg(q, v, "dqg_warps"), num_stages=CONFIG["dqg_stages"],
     )
