@@ -722,6 +722,8 @@ def _run_out(q, g, v, states, scale, dv):
     DT, PREC, _ = _dot_config(q.dtype)
     out = torch.empty_like(v)
     BK, BVO = min(K, _cfg(q, v, "out_bk")), min(V, CONFIG["out_bv"])
+    if V == 16:  # K = 64, V = 16 with 64-key blocks: illegal address on the H100 (Triton 3.6, 2026-11-24)
+        BK = min(BK, 32)
     _two_pass(
         _out_kernel, (V // BVO, triton.cdiv(T, _BT), B * H), q, g, v, states, out, T, H, scale,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, DV=dv,
