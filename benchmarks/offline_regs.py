@@ -4,6 +4,11 @@ device sessions: the device's Triton may allocate differently (on 2026-11-24, Tr
 reported stack frames where the H100's Triton 3.6 reported no spills for the same state kernel).
 
     python benchmarks/offline_regs.py [state] [out] [dqg]     (K = V = 128, bf16)
+    python benchmarks/offline_regs.py --check K V              (exit status: every variant compiles)
+
+--check compiles every kernel variant the op launches, with `scale` typed as Inductor passes it
+(an fp64 scalar, or a constexpr where it specializes): a kernel that redefines an argument with
+another type inside a branch compiles under eager launches (fp32) and fails under torch.compile.
 """
 
 import os
@@ -38,6 +43,38 @@ def usage(fn, types: dict, consts: dict, warps: int, stages: int = 1) -> str:
     return f"regs {m.group(1)}, stack {m.group(2)} B"
 
 
+def check(K: int, V: int) -> int:
+    """Compiles each variant for sm_90 with scale as fp64 and as a constexpr; prints one line per
+    variant, returns the number that failed."""
+    ptrs = dict(q="*bf16", g="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
+                dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", NSEG="i32",
+                decay="*fp32", seg_decay="*fp32", flags="*i8")
+    common = dict(K=K, V=V, BT=64, DT=DT, PREC=PREC)
+    variants = [(C._state_kernel, dict(BS=min(K, V, 64), REVERSE=rev, HAS_H0=True, SEGMENTED=seg))
+                for rev in (False, True) for seg in (False, True)]
+    modes = [dict(GENERAL=False, FLAGGED=False), dict(GENERAL=True, FLAGGED=True), dict(GENERAL=True, FLAGGED=False)]
+    variants += [(C._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=dv, **m))
+                 for dv in (False, True) for m in modes]
+    variants += [(C._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0, **m))
+                 for m in modes]
+    failed = 0
+    for fn, consts in variants:
+        for scale in ("fp64", "constexpr"):
+            c = {**common, **consts}
+            c = {k: c[k] for k in fn.arg_names if k in c}
+            if scale == "constexpr":
+                c["scale"] = 0.25
+            try:
+                usage(fn, {**ptrs, "scale": "fp64"}, c, 4)
+                ok = "ok"
+            except Exception as e:  # noqa: BLE001 - reported, counted
+                failed += 1
+                ok = "FAILED " + str(e).splitlines()[-1][:300]
+            print(fn.__name__, {k: v for k, v in consts.items() if k in ("REVERSE", "SEGMENTED", "DV", "GENERAL", "FLAGGED")},
+                  "scale", scale, ok, flush=True)
+    return failed
+
+
 def main():
     what = set(sys.argv[1:]) or {"state", "out", "dqg"}
     ptrs = dict(q="*bf16", g="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
@@ -56,15 +93,18 @@ def main():
         for BK, BVO, warps, general in [(128, 128, 4, False), (64, 128, 8, False), (64, 128, 4, False),
                                         (32, 128, 8, False), (64, 128, 8, True)]:
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=60.0, DV=False,
-                     GENERAL=general)
+                     GENERAL=general, FLAGGED=general)
             print("out", dict(BK=BK, BVO=BVO, warps=warps, general=general), usage(C._out_kernel, ptrs, c, warps),
                   flush=True)
     if "dqg" in what:
         for BK, warps, general in [(64, 8, False), (32, 4, False), (32, 8, False), (16, 4, False), (64, 8, True)]:
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0,
-                     GENERAL=general)
+                     GENERAL=general, FLAGGED=general)
             print("dqg", dict(BK=BK, warps=warps, general=general), usage(C._dqg_kernel, ptrs, c, warps),
                   flush=True)
 
 if __name__ == "__main__":
+    if "--check" in sys.argv:
+        i = sys.argv.index("--check")
+        sys.exit(1 if check(int(sys.argv[i + 1]), int(sys.argv[i + 2])) else 0)
     main()

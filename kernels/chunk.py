@@ -496,26 +496,26 @@ if triton is not None:
         T, H, scale, flags,  # flags [grid size] int8: programs the GENERAL variant redoes
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
-        DV: tl.constexpr, GENERAL: tl.constexpr,
+        DV: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr,
     ):
         """One chunk, BVO value channels; A built over key blocks in registers, never stored.
 
         forward:   o  = (scale q exp(b)) @ h_start        + A   @ v     (states: chunk starts)
         DV:        dv = (k exp(b_last - b)) @ dh_end      + A^T @ do    (v is do, o is dv,
                                                                           states: end gradients)
-        Launched twice (`_two_pass`): the first variant takes the whole-chunk in-chunk path only
-        and flags the programs whose chunk decays past it; the GENERAL variant redoes those and
-        returns at once elsewhere.
+        Launched twice where `_launch_chunks` says so: the first variant takes the whole-chunk
+        in-chunk path only and flags the programs whose chunk decays past it; the GENERAL, FLAGGED
+        variant redoes those and returns at once elsewhere. Else once, GENERAL and not FLAGGED.
         """
         iv, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
         pid = (bh * NT + n) * (V // BVO) + iv
+        # Inductor passes Python floats as fp64 scalars (or constexprs): keep every tile fp32.
+        scale = tl.cast(scale, tl.float32)
         run = True
-        if GENERAL:
+        if FLAGGED:
             run = tl.load(flags + pid) != 0
         if run:
-            # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
-            scale = tl.cast(scale, tl.float32)
             t0 = n * BT
             rows = tl.arange(0, BT)
             cv = iv * BVO + tl.arange(0, BVO)
@@ -556,7 +556,7 @@ if triton is not None:
         T, H, scale, flags,  # flags as in _out_kernel
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
-        FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr,
+        FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr,
     ):
         """dq and dg of one chunk and BK key channels (formulas in chunk_hgrn2_bwd_ref): every
         term is separable over the key channels. Two variants as in `_out_kernel`. The key
@@ -565,12 +565,12 @@ if triton is not None:
         ik, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
         pid = (bh * NT + n) * (K // BK) + ik
+        # Inductor passes Python floats as fp64 scalars (or constexprs): keep every tile fp32.
+        scale = tl.cast(scale, tl.float32)
         run = True
-        if GENERAL:
+        if FLAGGED:
             run = tl.load(flags + pid) != 0
         if run:
-            # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
-            scale = tl.cast(scale, tl.float32)
             t0 = n * BT
             rows = tl.arange(0, BT)
             ck = ik * BK + tl.arange(0, BK)
@@ -628,12 +628,17 @@ def _launch(kernel):
     return kernel if _interpreting() else wrap_triton(kernel)
 
 
-def _two_pass(kernel, grid, *args, **meta):
-    """Launches kernel[grid] as its whole-chunk variant, then as its GENERAL variant, which redoes
-    the programs the first flagged (chunks decaying by more than e^120) and returns elsewhere."""
+def _launch_chunks(kernel, grid, *args, **meta):
+    """Launches the out or dq/dg kernel over its grid: where K and V are at least
+    CONFIG["two_pass_min_dim"], as its whole-chunk variant and then its GENERAL, FLAGGED variant,
+    which redoes the programs the first flagged (chunks decaying by more than e^120) and returns
+    elsewhere; else once, GENERAL for every program."""
     flags = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
-    for general in (False, True):
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=general, **meta)
+    if min(meta["K"], meta["V"]) >= CONFIG["two_pass_min_dim"]:
+        for general in (False, True):
+            _launch(kernel)[grid](*args, flags=flags, GENERAL=general, FLAGGED=general, **meta)
+    else:
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=False, **meta)
 
 
 def _dot_config(dtype: torch.dtype):
@@ -663,6 +668,12 @@ CONFIG = {
     # (hgrn2mini/ops.py): one sequential pass less per backward (1.43 -> 1.26 ms fwd+bwd at B=8
     # T=2048 H=8 K=V=128, 2026-11-24), for saved memory of twice q's size per call (K = V).
     "keep_states": True,
+    # The out and dq/dg kernels in two launches (`_launch_chunks`): the common whole-chunk path
+    # alone first, with fewer registers (dq/dg at K = V = 128: 0.47 against 0.53 ms, fwd+bwd 1.20 ->
+    # 1.08 ms, H100 2026-11-24), where K and V are both at least this. Below it one launch takes
+    # every path: the two-launch kernels faulted (illegal address) at K = 32 and 64 with V = 16
+    # on the H100 with Triton 3.6 (2026-11-24).
+    "two_pass_min_dim": 64,
 }
 FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 8}}
 
@@ -722,9 +733,7 @@ def _run_out(q, g, v, states, scale, dv):
     DT, PREC, _ = _dot_config(q.dtype)
     out = torch.empty_like(v)
     BK, BVO = min(K, _cfg(q, v, "out_bk")), min(V, CONFIG["out_bv"])
-    if V == 16:  # K = 64, V = 16 with 64-key blocks: illegal address on the H100 (Triton 3.6, 2026-11-24)
-        BK = min(BK, 32)
-    _two_pass(
+    _launch_chunks(
         _out_kernel, (V // BVO, triton.cdiv(T, _BT), B * H), q, g, v, states, out, T, H, scale,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, DV=dv,
         num_warps=_cfg(q, v, "out_warps"), num_stages=CONFIG["out_stages"],
@@ -766,8 +775,9 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None):
     # H100 with Triton 3.6, so BV = BK.
     BK = min(K, _cfg(q, v, "dqg_bk"))
     BV = min(V, BK)
-    _two_pass(
-        _dqg_kernel, (K // BK, triton.cdiv(T, _BT), B * H), q, g, v, do, states, dstates, dq, dg, T, H, scale,
+    _launch_chunks(
+        _dqg_kernel, (K // BK, triton.cdiv(T, _BT), B * H), q, g, v, do, states, dstates, dq, dg, T, H,
+        scale,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=BV, DT=DT, PREC=PREC, PREC32=PREC32, FAST_RANGE=_FAST_RANGE,
         num_warps=_cfg(q, v, "dqg_warps"), num_stages=CONFIG["dqg_stages"],
     )

@@ -6,6 +6,12 @@ and slow in-chunk paths and the backward algebra, not the GPU's rounding. On the
 tests run the compiled kernels (the op tests in test_ops.py add bf16 and long sequences).
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
 import pytest
 import torch
 from hgrn2mini.kernels import chunk as C
@@ -41,15 +47,23 @@ def _fwd_bwd_errors(q, g, v, h0, do, dht, scale) -> dict:
     return {n: rel_err(a, b) for n, a, b in zip(names, got, want)}
 
 
+def _launches(two_pass: bool):
+    """CONFIG with the out and dq/dg kernels launched twice (whole-chunk variant, then the flagged
+    programs again) or once (every path in one launch) at every K, V."""
+    return mock.patch.dict(C.CONFIG, {"two_pass_min_dim": 16 if two_pass else 10**9})
+
+
+@pytest.mark.parametrize("two_pass", [True, False], ids=["two_launches", "one_launch"])
 @settings(max_examples=_examples)
 @with_hard_cases
 @given(problems(max_T=150, dims=(16, 32), max_B=1, max_H=2))
-def test_triton_kernels_match_naive_loop(p):
+def test_triton_kernels_match_naive_loop(two_pass, p):
     q, g, v, h0, do, dht = p.inputs(DEVICE)
     scale = p.K**-0.5
     f32 = lambda x: x.float().contiguous() if x is not None else None
-    o, hT = C.chunk_hgrn2_fwd(f32(q), f32(g), f32(v), f32(h0), scale)
-    dq, dg, dv, dh0 = C.chunk_hgrn2_bwd(f32(q), f32(g), f32(v), f32(h0), f32(do), f32(dht), scale)
+    with _launches(two_pass):
+        o, hT = C.chunk_hgrn2_fwd(f32(q), f32(g), f32(v), f32(h0), scale)
+        dq, dg, dv, dh0 = C.chunk_hgrn2_bwd(f32(q), f32(g), f32(v), f32(h0), f32(do), f32(dht), scale)
 
     leaves = [x.detach().clone().requires_grad_() for x in (q, g, v)]
     h0r = h0.detach().clone().requires_grad_() if h0 is not None else None
@@ -80,19 +94,34 @@ def test_triton_kernels_without_final_state_gradient(gate):
 # Several key blocks per program (the forward / dv kernel takes 64 key channels at a time, dq/dg
 # 32) and each in-chunk path: one reference per chunk (moderate gates), 16-row sub-blocks (a chunk
 # decaying by more than e^120), pair by pair (a sub-block decaying by more than e^60).
+@pytest.mark.parametrize("two_pass", [True, False], ids=["two_launches", "one_launch"])
 @pytest.mark.parametrize(
     "K, V, T, gate",
     [(128, 16, 70, "moderate"), (64, 32, 150, "decay3"), (64, 64, 100, "strong_decay")],
 )
-def test_triton_kernels_key_blocks_and_paths(K, V, T, gate):
+def test_triton_kernels_key_blocks_and_paths(K, V, T, gate, two_pass):
     torch.manual_seed(2)
     B, H = 1, 2
     q, v = torch.randn(B, T, H, K), torch.randn(B, T, H, V)
     do, h0, dht = torch.randn(B, T, H, V), torch.randn(B, H, K, V), torch.randn(B, H, K, V)
     g = _gates(gate, (B, T, H, K))
     q, g, v, do, h0, dht = (x.to(DEVICE) for x in (q, g, v, do, h0, dht))
-    errs = _fwd_bwd_errors(q, g, v, h0, do, dht, 0.3)
+    with _launches(two_pass):
+        errs = _fwd_bwd_errors(q, g, v, h0, do, dht, 0.3)
     assert all(e <= TOL for e in errs.values()), errs
+
+
+def test_kernel_variants_compile_with_inductors_argument_types():
+    """Every kernel variant compiles for sm_90 with `scale` as Inductor passes it (fp64 scalar or
+    constexpr), not only as an eager launch passes it (fp32): a branch that redefined `scale`
+    compiled eagerly and failed every torch.compile'd use on the GPU (2026-11-24). Compiled
+    offline (Triton ships ptxas), in a process of its own (this one runs the interpreter)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "offline_regs.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script), "--check", "16", "32"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count(" ok") == 26, run.stdout
 
 
 # The state walk cut into segments walked in parallel, then joined (CONFIG max_segments): forced
