@@ -194,12 +194,17 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # and if a sub-block itself decays by more than _FAST_RANGE, its pairs are evaluated one by one in
 # log space. The diagonal pairs (exp(0) = 1) are always summed in fp32, never rounded to bf16.
 #
+# The out and dq/dg kernels compile the whole-chunk path alone for their first launch (most
+# chunks; fewer registers, fewer spills) and redo the programs it flags (chunks decaying past
+# e^120) in a second launch that takes every path (`_launch_chunks`).
+#
 # Measured (H100, Triton 3.6, 2026-11-24, benchmarks/RESULTS.md): bf16 B=8 T=2048 H=8 K=V=128,
-# 0.34 ms forward and 1.20 ms forward+backward (fla's chunk_gla 0.47 / 2.10 in the same run;
-# 1.40x to 2.62x over the seven benchmark shapes). Every kernel is register-bound (255 registers
-# per thread; at 8 warps the dq/dg kernel fits one program per SM, so its loads are not hidden
-# behind another program's math). By bytes moved (g fp32 and the states dominate) this design
-# needs ~0.5 ms forward+backward even at full bandwidth.
+# 0.33 ms forward and 1.10 ms forward+backward (fla's chunk_gla 0.45 / 2.28 in the same run;
+# 1.1x to 2.1x over the benchmark shapes and runs: the same shape varies by up to 1.7x between
+# runs with where its buffers land). Every kernel is register-bound (255 registers per thread; at
+# 8 warps the dq/dg kernel fits one program per SM, so its loads are not hidden behind another
+# program's math). By bytes moved (g fp32 and the states dominate) this design needs ~0.5 ms
+# forward+backward even at full bandwidth.
 # ---------------------------------------------------------------------------------------------
 
 try:
