@@ -8,7 +8,7 @@
 #        ~3 min instead of over 10. Each process logs to $OUT/t_<name>.log.
 # bench: bench_chunk.py (ours, SDPA, fla side by side), alone on the GPU.
 # sweep: sweep_configs.py (ours at every shape; configs from env SWEEP_CONFIGS, a JSON list of
-#        CONFIG updates, e.g. '[{}, {"lazy_path": true}]').
+#        CONFIG updates, e.g. '[{}, {"dqg_bk": 32, "dqg_warps": 4}]'; shapes from SWEEP_SHAPES, e.g. 0,2).
 # lm:    bench_lm.py, the 374M training step (MODELS=ours|fla|llama, SHAPES=8x2048,2x8192, LM_ARGS; one
 #        model per call: fla autotunes for minutes). Not part of "all".
 set -uo pipefail
@@ -26,7 +26,7 @@ ln -s "$PWD/kernels" /tmp/shim/hgrn2mini/kernels
 export PYTHONPATH=/tmp/shim
 P="python3 -P"
 $P -c "import torch, triton, hgrn2mini; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-what=${1:-all}
+what=${1:-all}  # "none": only the set-up above; then PYTHONPATH=/tmp/shim:/tmp/site python3 -P <script>
 
 if [[ $what == check || $what == all ]]; then
   i=0
