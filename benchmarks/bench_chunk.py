@@ -1,6 +1,6 @@
 """The HGRN2 recurrence op against fla's chunk_gla and causal SDPA, side by side in one run.
 
-    python benchmarks/bench_chunk.py [--out DIR] [--quick] [--shapes 0,1,2] [--no-slow] [--results FILE]
+    python benchmarks/bench_chunk.py [--out DIR] [--quick] [--shapes 0,1,2] [--no-slow] [--rounds 3] [--results FILE]
 
 The table is printed, appended (with date, device, versions and the command) to --results
 (default benchmarks/RESULTS.md beside this script; --results "" to skip) and, with --out, written
@@ -15,6 +15,12 @@ key's backward); SDPA gets [B, H, T, D] bf16, causal. Times are triton.testing.d
 ms (CUDA events). Every input set here is at least 96 MB, over the H100's 50 MB L2, so repeated
 calls do not run from cache.
 
+The op's time depends on where its buffers land (on the H100, 2026-11-24, the same shape read
+1.08 and 1.35 ms fwd+bwd between two sets of buffers; benchmarks/buffer_placement.py). So each
+shape is measured in --rounds rounds (default 3), each on fresh inputs after emptying the
+allocator's cache and holding a spacer allocation of a different size; every time in the table is
+the median over the rounds of each round's median, and the JSON keeps each round's figures.
+
 The memory floor of a shape is the fewest bytes the op must move over the measured copy bandwidth
 (read + write): forward reads q, g (fp32), v and writes o; forward+backward adds reading q, g, v, do
 and writing dq, dg (fp32), dv.
@@ -26,6 +32,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -34,6 +41,7 @@ from triton.testing import do_bench
 
 from hgrn2mini.ops import chunk_hgrn2
 
+DEVICE = "cuda"  # a test runs the script's logic on the CPU with tiny shapes
 SHAPES = [  # (B, T, H, K=V)
     (8, 2048, 8, 128),
     (4, 4096, 8, 128),
@@ -66,29 +74,22 @@ def fwd_bwd(fn, leaves):
     return bench(fn), bench(step, grad_to_none=leaves)
 
 
-def run_shape(B, T, H, K, bw, fla, gates="logsigmoid"):
-    V = K
-    dev = "cuda"
-    q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    if gates == "logsigmoid":
-        g = F.logsigmoid(torch.randn(B, T, H, K, device=dev))
-    else:  # every sub-block on the slow path
-        g = -30 * torch.rand(B, T, H, K, device=dev)
-    g.requires_grad_()
+def run_shape(B, T, H, K, bw, fla, gates="logsigmoid", rounds=3):
+    """One row: each figure the median over `rounds` placements of the buffers (see the module
+    docstring), each placement's own figures under "rounds"."""
+    per_round = []
+    for r in range(rounds):
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        spacer = torch.empty(r * (3 << 20) + (1 << 20), device=DEVICE, dtype=torch.uint8)
+        per_round.append(run_placement(B, T, H, K, fla, gates))
+        del spacer
     row = {"B": B, "T": T, "H": H, "K": K, "gates": gates}
-    row["ours_fwd"], row["ours_fwdbwd"] = fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], [q, g, v])
-    if gates == "logsigmoid":
-        qs, ks, vs = (torch.randn(B, H, T, K, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        row["sdpa_fwd"], row["sdpa_fwdbwd"] = fwd_bwd(
-            lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), [qs, ks, vs]
-        )
-    print("partial", row, flush=True)  # fla's first call autotunes for minutes on a fresh machine
-    if fla is not None and gates == "logsigmoid":
-        k = (1 - g.detach().exp()).to(torch.bfloat16).requires_grad_()
-        gl = g.detach().clone().requires_grad_()
-        row["fla_fwd"], row["fla_fwdbwd"] = fwd_bwd(lambda: fla(q, k, v, gl, scale=K**-0.5)[0], [q, k, v, gl])
+    for key in per_round[0]:
+        row[key] = statistics.median(x[key] for x in per_round)
+    row["rounds"] = per_round
     n = B * T * H
+    V = K
     fwd_bytes = n * (K * 2 + K * 4 + V * 2 + V * 2)
     bwd_bytes = n * (K * 2 + K * 4 + V * 2 + V * 2) + n * (K * 2 + K * 4 + V * 2)
     row["floor_fwd"] = fwd_bytes / bw * 1e3
@@ -97,21 +98,51 @@ def run_shape(B, T, H, K, bw, fla, gates="logsigmoid"):
     return row
 
 
+def run_placement(B, T, H, K, fla, gates):
+    """Times of ours, SDPA and fla on one fresh set of inputs."""
+    V = K
+    dev = DEVICE
+    q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    if gates == "logsigmoid":
+        g = F.logsigmoid(torch.randn(B, T, H, K, device=dev))
+    else:  # every sub-block on the slow path
+        g = -30 * torch.rand(B, T, H, K, device=dev)
+    g.requires_grad_()
+    row = {}
+    row["ours_fwd"], row["ours_fwdbwd"] = fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], [q, g, v])
+    if gates == "logsigmoid":
+        qs, ks, vs = (torch.randn(B, H, T, K, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        row["sdpa_fwd"], row["sdpa_fwdbwd"] = fwd_bwd(
+            lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), [qs, ks, vs]
+        )
+    print("partial", (B, T, H, K), row, flush=True)  # fla's first call autotunes for minutes on a fresh machine
+    if fla is not None and gates == "logsigmoid":
+        k = (1 - g.detach().exp()).to(torch.bfloat16).requires_grad_()
+        gl = g.detach().clone().requires_grad_()
+        row["fla_fwd"], row["fla_fwdbwd"] = fwd_bwd(lambda: fla(q, k, v, gl, scale=K**-0.5)[0], [q, k, v, gl])
+    return row
+
+
 def table(rows, bw):
     head = (
         "| B, T, H, K | gates | ours fwd | ours fwd+bwd | fla fwd | fla fwd+bwd | fla / ours (f+b) "
-        "| SDPA fwd | SDPA f+b | floor fwd | floor f+b | ours f+b / floor | ours ns/token (f+b) |"
+        "| SDPA fwd | SDPA f+b | floor fwd | floor f+b | ours f+b / floor | ours ns/token (f+b) "
+        "| ours f+b, each round |"
     )
-    lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); times in ms, medians", "", head]
-    lines.append("|" + "|".join(["---"] * 13) + "|")
+    lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); times in ms, medians over buffer placements "
+             "of each placement's median", "", head]
+    lines.append("|" + "|".join(["---"] * 14) + "|")
     f = lambda r, k: f"{r[k]:.3f}" if k in r else "-"
     for r in rows:
         ratio = f"{r['fla_fwdbwd'] / r['ours_fwdbwd']:.2f}x" if "fla_fwdbwd" in r else "-"
+        each = " / ".join(f"{x['ours_fwdbwd']:.3f}" for x in r.get("rounds", []))
         lines.append(
             f"| {r['B']}, {r['T']}, {r['H']}, {r['K']} | {r['gates']} | {f(r, 'ours_fwd')} | {f(r, 'ours_fwdbwd')} "
             f"| {f(r, 'fla_fwd')} | {f(r, 'fla_fwdbwd')} | {ratio} | {f(r, 'sdpa_fwd')} | {f(r, 'sdpa_fwdbwd')} "
             f"| {f(r, 'floor_fwd')} | {f(r, 'floor_fwdbwd')} | {r['ours_fwdbwd'] / r['floor_fwdbwd']:.1f} "
-            f"| {r['ours_fwdbwd'] * 1e6 / (r['B'] * r['T']):.1f} |"
+            f"| {r['ours_fwdbwd'] * 1e6 / (r['B'] * r['T']):.1f} "
+            f"| {each} |"
         )
     return "\n".join(lines)
 
@@ -122,6 +153,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="only the first shape")
     ap.add_argument("--shapes", help="comma-separated indices into SHAPES (default: all)")
     ap.add_argument("--no-slow", action="store_true", help="skip the all-slow-path gates row")
+    ap.add_argument("--rounds", type=int, default=3, help="buffer placements per shape (median taken)")
     ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
                     help="markdown file the table is appended to ('' for none)")
     args = ap.parse_args()
@@ -136,10 +168,10 @@ def main():
     if args.shapes:
         shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     for shape in shapes:
-        rows.append(run_shape(*shape, bw, fla))
+        rows.append(run_shape(*shape, bw, fla, rounds=args.rounds))
         print(rows[-1], flush=True)
     if not args.no_slow:
-        rows.append(run_shape(*SHAPES[0], bw, fla, gates="uniform30"))
+        rows.append(run_shape(*SHAPES[0], bw, fla, gates="uniform30", rounds=args.rounds))
     md = table(rows, bw)
     print(md)
     if args.out:
