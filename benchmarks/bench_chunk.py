@@ -98,17 +98,22 @@ def run_shape(B, T, H, K, bw, fla, gates="logsigmoid", rounds=3):
     return row
 
 
+def inputs(B, T, H, K, gates="logsigmoid"):
+    """The op's leaves q, g, v as HGRN2 feeds them (V = K): q, v bf16, g fp32 logsigmoid(randn),
+    or with gates="uniform30" uniform in [-30, 0] (every sub-block on the slow path)."""
+    q = torch.randn(B, T, H, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, T, H, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    if gates == "logsigmoid":
+        g = F.logsigmoid(torch.randn(B, T, H, K, device=DEVICE))
+    else:
+        g = -30 * torch.rand(B, T, H, K, device=DEVICE)
+    return q, g.requires_grad_(), v
+
+
 def run_placement(B, T, H, K, fla, gates):
     """Times of ours, SDPA and fla on one fresh set of inputs."""
-    V = K
     dev = DEVICE
-    q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    if gates == "logsigmoid":
-        g = F.logsigmoid(torch.randn(B, T, H, K, device=dev))
-    else:  # every sub-block on the slow path
-        g = -30 * torch.rand(B, T, H, K, device=dev)
-    g.requires_grad_()
+    q, g, v = inputs(B, T, H, K, gates)
     row = {}
     row["ours_fwd"], row["ours_fwdbwd"] = fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], [q, g, v])
     if gates == "logsigmoid":

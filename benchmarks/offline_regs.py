@@ -6,9 +6,10 @@ reported stack frames where the H100's Triton 3.6 reported no spills for the sam
     python benchmarks/offline_regs.py [state] [out] [dqg]     (K = V = 128, bf16)
     python benchmarks/offline_regs.py --check K V              (exit status: every variant compiles)
 
---check compiles every kernel variant the op launches, with `scale` typed as Inductor passes it
-(an fp64 scalar, or a constexpr where it specializes): a kernel that redefines an argument with
-another type inside a branch compiles under eager launches (fp32) and fails under torch.compile.
+--check compiles every variant the op launches of the kernels that take `scale`, with `scale`
+typed as Inductor passes it (an fp64 scalar, or a constexpr where it specializes): a kernel that
+redefines an argument with another type inside a branch compiles under eager launches (fp32) and
+fails under torch.compile.
 """
 
 import os
@@ -28,6 +29,11 @@ TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 K = V = 128
 DT, PREC = tl.bfloat16, "tf32"
+# Argument types of every kernel but `scale` (fp32 from an eager launch, fp64 or a constexpr from
+# Inductor).
+ARGS = dict(q="*bf16", g="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
+            dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", NSEG="i32", decay="*fp32",
+            seg_decay="*fp32", seg_end="*fp32", h_in="*fp32", flags="*i8")
 
 
 def usage(fn, types: dict, consts: dict, warps: int, stages: int = 1) -> str:
@@ -44,11 +50,8 @@ def usage(fn, types: dict, consts: dict, warps: int, stages: int = 1) -> str:
 
 
 def check(K: int, V: int) -> int:
-    """Compiles each variant for sm_90 with scale as fp64 and as a constexpr; prints one line per
-    variant, returns the number that failed."""
-    ptrs = dict(q="*bf16", g="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
-                dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", NSEG="i32",
-                decay="*fp32", seg_decay="*fp32", flags="*i8")
+    """Compiles each variant of the kernels that take `scale` for sm_90 with scale as fp64 and as a
+    constexpr; prints one line per variant, returns the number that failed."""
     common = dict(K=K, V=V, BT=64, DT=DT, PREC=PREC)
     variants = [(C._state_kernel, dict(BS=min(K, V, 64), REVERSE=rev, HAS_H0=True, SEGMENTED=seg))
                 for rev in (False, True) for seg in (False, True)]
@@ -65,21 +68,19 @@ def check(K: int, V: int) -> int:
             if scale == "constexpr":
                 c["scale"] = 0.25
             try:
-                usage(fn, {**ptrs, "scale": "fp64"}, c, 4)
+                usage(fn, {**ARGS, "scale": "fp64"}, c, 4)
                 ok = "ok"
             except Exception as e:  # noqa: BLE001 - reported, counted
                 failed += 1
                 ok = "FAILED " + str(e).splitlines()[-1][:300]
-            print(fn.__name__, {k: v for k, v in consts.items() if k in ("REVERSE", "SEGMENTED", "DV", "GENERAL", "FLAGGED")},
-                  "scale", scale, ok, flush=True)
+            flags = ("REVERSE", "SEGMENTED", "DV", "GENERAL", "FLAGGED")
+            print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
     return failed
 
 
 def main():
     what = set(sys.argv[1:]) or {"state", "out", "dqg"}
-    ptrs = dict(q="*bf16", g="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
-                dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", scale="fp32", NSEG="i32",
-                decay="*fp32", seg_decay="*fp32", seg_end="*fp32", h_in="*fp32", flags="*i8")
+    ptrs = {**ARGS, "scale": "fp32"}
     if "state" in what:
         for BS, warps, stages, rev, seg in [(64, 4, 3, False, False), (64, 4, 3, True, False), (32, 4, 3, False, False),
                                             (64, 4, 3, False, True), (64, 4, 3, True, True)]:

@@ -3,10 +3,11 @@
     python benchmarks/sweep_configs.py [--quick | --shapes i,j] [--configs JSON]
                                        (or JSON in env SWEEP_CONFIGS, shapes in SWEEP_SHAPES)
 
-Ours only (fla and SDPA are in bench_chunk.py): do_bench medians in ms, fwd and fwd+bwd, and the
-time per token of fwd+bwd, bf16, g = logsigmoid(randn). Each config is a dict of CONFIG updates;
-they apply to the per-shape overrides (chunk.FAST) too, so what is swept is what runs.
-Each config is first checked against the float64 chunked reference (B=1, T=4096, H=2, K=V=128,
+Ours only (fla and SDPA are in bench_chunk.py, whose inputs and timing it uses): do_bench medians
+in ms, fwd and fwd+bwd, and the time per token of fwd+bwd, bf16, g = logsigmoid(randn), one
+placement of the buffers (bench_chunk.py takes the median of several). Each config is a dict
+of CONFIG updates; they apply to the per-shape overrides (chunk.FAST) too, so what is swept is
+what runs. Each config is first checked against the float64 chunked reference (B=1, T=4096, H=2, K=V=128,
 half the channels strongly decaying, initial state and final-state gradient: long enough for the
 segmented state walk): its relative errors are printed before its times.
 """
@@ -16,13 +17,12 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from hgrn2mini.kernels import chunk as C
-from triton.testing import do_bench
 
 from hgrn2mini.ops import chunk_hgrn2
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with python -P too
+from bench_chunk import fwd_bwd, inputs  # noqa: E402
 from check_shapes import errors  # noqa: E402
 
 SHAPES = [(8, 2048, 8, 128), (4, 4096, 8, 128), (2, 8192, 8, 128), (1, 16384, 8, 128),
@@ -40,13 +40,6 @@ base = dict(C.CONFIG)
 base_fast = {key: dict(o) for key, o in C.FAST.items()}
 
 
-def inputs(B, T, H, K):
-    q = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn_like(q, requires_grad=True)
-    g = F.logsigmoid(torch.randn(B, T, H, K, device="cuda")).requires_grad_()
-    return q, g, v, torch.randn_like(q)
-
-
 for cfg in CONFIGS:
     C.CONFIG.clear()
     C.CONFIG.update(base, **cfg)
@@ -55,14 +48,9 @@ for cfg in CONFIGS:
     print(json.dumps(dict(cfg=cfg, rel_err_bf16=errors(128, 128, torch.bfloat16, B=1, T=4096, gates="mixed"))),
           flush=True)
     for B, T, H, K in SHAPES:
-        q, g, v, do = inputs(B, T, H, K)
-
-        def fwd_bwd(q=q, g=g, v=v, do=do):
-            chunk_hgrn2(q, g, v)[0].backward(do)
-
+        q, g, v = inputs(B, T, H, K)
         try:
-            fwd = do_bench(lambda q=q, g=g, v=v: chunk_hgrn2(q, g, v), return_mode="median")
-            both = do_bench(fwd_bwd, grad_to_none=[q, g, v], return_mode="median")
+            fwd, both = fwd_bwd(lambda q=q, g=g, v=v: chunk_hgrn2(q, g, v)[0], [q, g, v])
         except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
             print(cfg, (B, T, H, K), "failed", str(e)[:300], flush=True)
             break

@@ -167,12 +167,12 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #                   forward:  reads g, v        writes the chunk-start states (q's dtype), final state
 #                   reverse:  reads q, g, do    writes the chunk-end state gradients, d initial state
 #                   One [BS, BS] fp32 state tile in registers, one matmul a chunk.
-#   _out_kernel     grid (chunks, B*H, V/BVO): reads q, g, v, states; writes o.
+#   _out_kernel     grid (V/BVO, chunks, B*H): reads q, g, v, states; writes o.
 #                   o = (scale q exp(b)) @ h_start + A @ v, A the in-chunk pair matrix, built in
 #                   registers over key blocks of BK channels and never stored. With DV it reads
 #                   do and the state gradients instead and writes dv = (k exp(b_last - b)) @ dh_end
 #                   + A^T @ do: the same work, transposed.
-#   _dqg_kernel     grid (chunks, B*H, K/BK): reads q, g, v, do, states, state gradients; writes
+#   _dqg_kernel     grid (K/BK, chunks, B*H): reads q, g, v, do, states, state gradients; writes
 #                   dq, dg (fp32). Every term is separable over key channels; dA = do v^T is
 #                   recomputed by each key block's program (K/BK times).
 #   _segment_kernel, _fixup_kernel: where B*H leaves SMs idle, the walk is cut into segments
