@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on the device machine: correctness first, then speed.
-#   device run: bash benchmarks/gpu_run.sh [check|bench|sweep|lm|all]  (carry .whl for fla)
+#   device run: bash benchmarks/gpu_run.sh [check|shapes|tests|bench|sweep|lm|none|all]  (carry .whl for fla)
 #
-# check: the shape sweep (one process per shape: a faulting kernel poisons its CUDA context) and
-#        the GPU tests, split over parallel pytest processes. Triton compiles each kernel variant
+# check: shapes, then tests.
+# shapes: the shape sweep (one process per shape: a faulting kernel poisons its CUDA context).
+# tests: the GPU tests, split over parallel pytest processes. Triton compiles each kernel variant
 #        on the CPU, and one process runs them one after another: in parallel the whole set takes
 #        ~3 min instead of over 10. Each process logs to $OUT/t_<name>.log.
 # bench: bench_chunk.py (ours, SDPA, fla side by side), alone on the GPU.
@@ -11,6 +12,7 @@
 #        CONFIG updates, e.g. '[{}, {"dqg_bk": 32, "dqg_warps": 4}]'; shapes from SWEEP_SHAPES, e.g. 0,2).
 # lm:    bench_lm.py, the 374M training step (MODELS=ours|fla|llama, SHAPES=8x2048,2x8192, LM_ARGS; one
 #        model per call: fla autotunes for minutes). Not part of "all".
+# none:  only the set-up (fla's wheels, the package shim), for a command of one's own after it.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
@@ -28,7 +30,7 @@ P="python3 -P"
 $P -c "import torch, triton, hgrn2mini; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 what=${1:-all}  # "none": only the set-up above; then PYTHONPATH=/tmp/shim:/tmp/site python3 -P <script>
 
-if [[ $what == check || $what == all ]]; then
+if [[ $what == check || $what == shapes || $what == all ]]; then
   i=0
   for s in "128 128 bfloat16" "16 16 bfloat16" "32 128 bfloat16" "64 64 bfloat16" "128 16 bfloat16" \
            "16 256 bfloat16" "256 256 bfloat16" "256 16 bfloat16" "64 256 bfloat16" "64 16 bfloat16" \
@@ -37,6 +39,8 @@ if [[ $what == check || $what == all ]]; then
   done
   wait
   tail -q -n 1 "$OUT"/shape_*.log | tee "$OUT/shapes.txt"
+fi
+if [[ $what == check || $what == tests || $what == all ]]; then
   run() { local name=$1; shift
     timeout 400 $P -m pytest -v -p no:warnings --tb=short -rA -p no:cacheprovider "$@" > "$OUT/t_$name.log" 2>&1 & }
   run fp32 -m gpu tests/test_ops.py -k naive_loop_cuda_fp32

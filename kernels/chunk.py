@@ -235,12 +235,27 @@ def triton_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 if triton is not None:
 
+    # Read when the module is imported, as Triton itself reads TRITON_INTERPRET.
+    _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+    @triton.jit
+    def _exp(x):
+        """exp of an fp32 tile as one MUFU.EX2 (ex2.approx.ftz). tl.exp emits ex2.approx without
+        ftz, which ptxas guards per element with a compare and two multiplies to keep results
+        below 2^-126 subnormal; here they flush to 0, and every such value is a decay that only
+        scales a sum it cannot change. The interpreter (CPU tests) has no inline PTX: tl.exp."""
+        if _INTERPRET:
+            return tl.exp(x)
+        else:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+
     @triton.jit
     def _expm1(x):
         # Triton has no expm1; exp(x) - 1 loses all digits for |x| << 1 (gates near 1).
         small = tl.abs(x) < 0.1
         taylor = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0)))))
-        return tl.where(small, taylor, tl.exp(x) - 1.0)
+        return tl.where(small, taylor, _exp(x) - 1.0)
 
     @triton.jit
     def _row(x, rows, i):
@@ -299,19 +314,21 @@ if triton is not None:
             ref = _row(b, rows, lo - 1)  # 0 before the chunk (no row -1)
         in_s = (rows >= lo) & (rows < lo + size)
         keys = rows < lo + own
-        eq = tl.exp(tl.where(in_s[:, None], b - ref[None, :], float("-inf")))
-        ek = tl.exp(tl.where(keys[:, None], ref[None, :] - b, float("-inf")))
+        eq = _exp(tl.where(in_s[:, None], b - ref[None, :], float("-inf")))
+        ek = _exp(tl.where(keys[:, None], ref[None, :] - b, float("-inf")))
         pair = in_s[:, None] & (rows[:, None] > rows[None, :])
         return eq, ek, (qs * eq).to(DT), (k * ek).to(DT), pair
 
     @triton.jit
     def _whole(qs, k, b, b_last, DT: tl.constexpr):
         """Matmul factors of the whole chunk referred to m = b_last / 2: (qs exp(b - m)) and
-        (k exp(m - b)), in range while the chunk decays by at most 2 * FAST_RANGE."""
+        (k exp(m - b)), in range while the chunk decays by at most 2 * FAST_RANGE; and exp(m)
+        ([1, BK]), which turns the first two exponentials into the decays from the chunk start and to
+        its end at one multiply each: exp(b) = exp(b - m) exp(m), exp(b_last - b) = exp(m - b) exp(m)."""
         ref = 0.5 * b_last[None, :]
-        eq = tl.exp(b - ref)
-        ek = tl.exp(ref - b)
-        return eq, ek, (qs * eq).to(DT), (k * ek).to(DT)
+        eq = _exp(b - ref)
+        ek = _exp(ref - b)
+        return eq, ek, (qs * eq).to(DT), (k * ek).to(DT), _exp(ref)
 
     @triton.jit
     def _bad(b_last, FAST_RANGE: tl.constexpr):
@@ -324,7 +341,7 @@ if triton is not None:
         """Slow path, key j: exp(b_i - b_j) for the rows i > j of its sub-block (else 0), and k_j."""
         bj = _row(b, rows, j)
         near = ((rows // BC) == (j // BC)) & (rows > j)
-        return tl.exp(tl.where(near[:, None], b - bj[None, :], float("-inf"))), _row(k, rows, j)
+        return _exp(tl.where(near[:, None], b - bj[None, :], float("-inf"))), _row(k, rows, j)
 
     @triton.jit
     def _pairs_A(qs, k, gc, b, b_last, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
@@ -332,7 +349,7 @@ if triton is not None:
         """A[i, j] = sum_k qs_i k_j exp(b_i - b_j) for j <= i of one key block (qs = scale * q,
         k, b: [BT, BK] fp32); the diagonal summed in fp32, never rounded to the matmul dtype.
         Not GENERAL: the whole-chunk path only (valid where the chunk decays by at most
-        2 * FAST_RANGE, see `_whole`)."""
+        2 * FAST_RANGE, see `_whole`). Also returns exp(b) and exp(b_last - b) ([BT, BK])."""
         A = tl.where(rows[:, None] == rows[None, :], tl.sum(qs * k, 1)[:, None], 0.0)
         if GENERAL:
             whole, slow, n_sub, size, own = _path(gc, b_last, BT, BC, BK, FAST_RANGE)
@@ -345,17 +362,23 @@ if triton is not None:
                     E, kj = _near(b, k, rows, j, BC)
                     col = tl.sum(qs * kj[None, :] * E, 1)
                     A += tl.where(rows[None, :] == j, col[:, None], 0.0)
+            start, end = _exp(b), _exp(b_last[None, :] - b)
         else:
-            eq, ek, Qs, Ks = _whole(qs, k, b, b_last, DT)
+            eq, ek, Qs, Ks, half = _whole(qs, k, b, b_last, DT)
             A += tl.where(rows[:, None] > rows[None, :], tl.dot(Qs, tl.trans(Ks), input_precision=PREC), 0.0)
-        return A
+            start, end = eq * half, ek * half
+        return A, start, end
 
     @triton.jit
-    def _pairs_grad(qs, k, gc, b, b_last, dA, rows, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                    BC: tl.constexpr, BK: tl.constexpr, FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr):
+    def _pairs_grad(qs, k, gc, b, b_last, dA, dq_h, dk_h, rows, DT: tl.constexpr, PREC: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, FAST_RANGE: tl.constexpr,
+                    GENERAL: tl.constexpr):
         """Through the pairs j < i (dA strictly lower, [BT, BT]) of one key block:
-        dq[i] = sum_j dA_ij k_j exp(b_i - b_j),  dk[j] = sum_i dA_ij qs_i exp(b_i - b_j).
-        Not GENERAL: the whole-chunk path only, as in `_pairs_A`."""
+        dq[i] = sum_j dA_ij k_j exp(b_i - b_j),  dk[j] = sum_i dA_ij qs_i exp(b_i - b_j);
+        with the chunk-start state's and chunk-end gradient's terms (dq_h = do h_start^T and
+        dk_h = v dh_end^T, [BT, BK]) returns (exp(b) dq_h + dq, exp(b_last - b) dk_h, dk).
+        Not GENERAL: the whole-chunk path only, as in `_pairs_A`. There the first sum is one
+        matmul accumulating onto dq_h exp(m), times exp(b - m) after."""
         if GENERAL:
             whole, slow, n_sub, size, own = _path(gc, b_last, BT, BC, BK, FAST_RANGE)
             dq = tl.zeros_like(qs)
@@ -372,12 +395,15 @@ if triton is not None:
                     dq += dAj[:, None] * kj[None, :] * E
                     dkj = tl.sum(dAj[:, None] * qs * E, 0)
                     dk += tl.where(rows[:, None] == j, dkj[None, :], 0.0)
+            dq += _exp(b) * dq_h
+            dk_h = _exp(b_last[None, :] - b) * dk_h
         else:
-            eq, ek, Qs, Ks = _whole(qs, k, b, b_last, DT)
+            eq, ek, Qs, Ks, half = _whole(qs, k, b, b_last, DT)
             dAs = dA.to(DT)  # strictly lower already
-            dq = eq * tl.dot(dAs, Ks, input_precision=PREC)
+            dq = eq * tl.dot(dAs, Ks, dq_h * half, input_precision=PREC)
+            dk_h = ek * (half * dk_h)
             dk = ek * tl.dot(tl.trans(dAs), Qs, input_precision=PREC)
-        return dq, dk
+        return dq, dk_h, dk
 
     @triton.jit
     def _state_kernel(
@@ -446,12 +472,12 @@ if triton is not None:
             b_last = tl.sum(gc, 0)
             if SEGMENTED:
                 tl.store(decay + (bh * NT + n) * K + ck, dcum, mask=ck + iv * K < K)  # one value tile stores it
-                dcum = dcum * tl.exp(b_last)
+                dcum = dcum * _exp(b_last)
             if REVERSE:
-                x = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale * tl.exp(b)
+                x = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale * _exp(b)
             else:
-                x = -_expm1(gc) * tl.exp(b_last[None, :] - b)
-            h = tl.exp(b_last)[:, None] * h + tl.dot(tl.trans(x.to(DT)), vc.to(DT), input_precision=PREC)
+                x = -_expm1(gc) * _exp(b_last[None, :] - b)
+            h = _exp(b_last)[:, None] * h + tl.dot(tl.trans(x.to(DT)), vc.to(DT), input_precision=PREC)
         tl.store(hT + (bh * NSEG + seg) * K * V + state_off, h)
         if SEGMENTED:
             tl.store(seg_decay + (bh * NSEG + seg) * K + ck, dcum, mask=ck + iv * K < K)  # one value tile stores it
@@ -536,12 +562,13 @@ if triton is not None:
                 b = tl.cumsum(gc, 0)
                 b_last = tl.sum(gc, 0)
                 k = -_expm1(gc)
-                A += _pairs_A(qs, k, gc, b, b_last, rows, DT, PREC, BT, BC, BK, FAST_RANGE, GENERAL)
+                A_kb, start, end = _pairs_A(qs, k, gc, b, b_last, rows, DT, PREC, BT, BC, BK, FAST_RANGE, GENERAL)
+                A += A_kb
                 bad = tl.maximum(bad, _bad(b_last, FAST_RANGE))
                 if DV:
-                    x = k * tl.exp(b_last[None, :] - b)
+                    x = k * end
                 else:
-                    x = qs * tl.exp(b)
+                    x = qs * start
                 h = tl.load(st + ck[:, None] * V + cv[None, :])
                 oc += tl.dot(x.to(DT), h.to(DT), input_precision=PREC)
             vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
@@ -596,27 +623,26 @@ if triton is not None:
                 dq_h += tl.dot(doc, tl.trans(h.to(DT)), input_precision=PREC)
                 dk_h += tl.dot(vc, tl.trans(dh.to(DT)), input_precision=PREC)
                 outside += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 1)
-            qc = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32)
+            qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
             gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
             b = tl.cumsum(gc, 0)
             b_last = tl.sum(gc, 0)
             k = -_expm1(gc)
-            qs = qc * scale
             # Pairs j < i through _pairs_grad; the diagonal (decay exp(0) = 1) on its own, so that dg
             # below never cancels it (see chunk_hgrn2_bwd_ref).
             diag = tl.sum(tl.where(rows[:, None] == rows[None, :], dA, 0.0), 1)
             dA = tl.where(rows[:, None] > rows[None, :], dA, 0.0)
-            dq_in, dk_in = _pairs_grad(qs, k, gc, b, b_last, dA, rows, DT, PREC, BT, BC, BK, FAST_RANGE, GENERAL)
-            dq_h = scale * tl.exp(b) * dq_h
-            dk_h = tl.exp(b_last[None, :] - b) * dk_h
-            dqc = dq_h + scale * (dq_in + diag[:, None] * k)
+            # dq_sum = exp(b) dq_h + (pairs), so that dq = scale * (dq_sum + diag k).
+            dq_sum, dk_h, dk_in = _pairs_grad(qs, k, gc, b, b_last, dA, dq_h, dk_h, rows, DT, PREC, BT, BC, BK,
+                                              FAST_RANGE, GENERAL)
+            dqc = scale * (dq_sum + diag[:, None] * k)
             dkc = dk_h + dk_in + diag[:, None] * qs
             # sum over j < t of k_j dk_h_j: a strictly lower-triangular matmul instead of an inclusive
             # cumsum minus the row (which would cancel when the row dominates).
             before = (rows[:, None] > rows[None, :]).to(tl.float32)
             keys_before = tl.dot(before, k * dk_h, input_precision=PREC32)
-            later = tl.cumsum(qc * (dq_h + scale * dq_in) - k * dk_in, 0, reverse=True)
-            dgc = tl.exp(b_last)[None, :] * outside[None, :] + keys_before + later - tl.exp(gc) * dkc
+            later = tl.cumsum(qs * dq_sum - k * dk_in, 0, reverse=True)
+            dgc = _exp(b_last)[None, :] * outside[None, :] + keys_before + later - _exp(gc) * dkc
             _store_tile(dq + offk, dqc, t0, T, H * K, rows, ck)
             _store_tile(dg + offk, dgc, t0, T, H * K, rows, ck)
             if not GENERAL:

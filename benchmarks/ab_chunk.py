@@ -1,0 +1,105 @@
+"""A/B of versions of the Triton kernels, interleaved in one process (device machine).
+
+    git show HEAD:kernels/chunk.py > /tmp/chunk_a.py
+    python benchmarks/ab_chunk.py /tmp/chunk_a.py [--rounds 9] [--shapes 8x2048x8,2x8192x8] \
+        [--configs '[{"dqg_stages": 2}]']
+
+Versions: A, the file given; B, the working tree's `hgrn2mini.kernels.chunk`; and B with each
+CONFIG update of --configs. Each runs forward + backward as the op does (the forward's states
+kept), K = V = 128, bf16, kernels launched raw (not through wrap_triton, whose dispatch outside a
+triton_op costs more than the kernels), captured once in a CUDA graph so that host overhead is
+not timed. Each round replays every version's graph under do_bench; the table gives the median
+over rounds and the median of the per-round ratios to A. On the H100 the same call's time drifts
+by up to ~1.4x between seconds (benchmarks/same_buffers.py, 2026-11-24): only interleaved ratios
+compare versions. Then each version's per-kernel GPU times (torch.profiler, summed per kernel
+name, mean per call), and B's largest difference from A relative to A's largest value.
+"""
+
+import argparse
+import importlib.util
+import json
+import statistics
+from collections import defaultdict
+
+import torch
+from hgrn2mini.kernels import chunk as tree
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench
+
+p = argparse.ArgumentParser()
+p.add_argument("old")
+p.add_argument("--rounds", type=int, default=9)
+p.add_argument("--shapes", default="8x2048x8,2x8192x8")
+p.add_argument("--configs", default="[]")
+args = p.parse_args()
+spec = importlib.util.spec_from_file_location("chunk_a", args.old)
+old = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(old)
+base_config = dict(tree.CONFIG)
+base_fast = dict(tree.FAST)
+versions = [("A", old, {}), ("B", tree, {})] + [(f"B+{json.dumps(c)}", tree, c) for c in json.loads(args.configs)]
+for mod in (old, tree):
+    mod._launch = lambda kernel: kernel
+
+
+def run(mod, cfg, q, g, v, do, s):
+    """Forward + backward of one version; cfg updates CONFIG and the per-shape overrides (FAST)."""
+    mod.CONFIG.clear()
+    mod.CONFIG.update(base_config if mod is tree else old_config, **cfg)
+    if mod is tree:
+        tree.FAST = {key: {**over, **{k: x for k, x in cfg.items() if k in over}} for key, over in base_fast.items()}
+    o, _, states = mod.chunk_hgrn2_fwd_with_states(q, g, v, None, s)
+    return (o,) + mod.chunk_hgrn2_bwd(q, g, v, None, do, None, s, states)[:3]
+
+
+old_config = dict(old.CONFIG)
+
+
+def main():
+    for shape in args.shapes.split(","):
+        Bn, T, H = (int(x) for x in shape.split("x"))
+        K = V = 128
+        q = torch.randn(Bn, T, H, K, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(Bn, T, H, V, device="cuda", dtype=torch.bfloat16)
+        do = torch.randn_like(v)
+        g = torch.nn.functional.logsigmoid(torch.randn(Bn, T, H, K, device="cuda"))
+        s = K**-0.5
+        graphs, outs = [], []
+        for _, mod, cfg in versions:
+            outs.append(run(mod, cfg, q, g, v, do, s))  # compiles outside the capture
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                run(mod, cfg, q, g, v, do, s)
+            graphs.append(graph)
+        times = [[] for _ in versions]
+        for _ in range(args.rounds):
+            for i, graph in enumerate(graphs):
+                times[i].append(do_bench(graph.replay, warmup=10, rep=100, return_mode="median"))
+        for i, (name, _, _) in enumerate(versions):
+            ratios = [a / b for a, b in zip(times[0], times[i])]
+            print(f"{shape} {name:40s} fwd+bwd {statistics.median(times[i]):.4f} ms  A/this "
+                  f"{statistics.median(ratios):.3f} (rounds {' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+        for name, mod, cfg in versions:
+            run(mod, cfg, q, g, v, do, s)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    run(mod, cfg, q, g, v, do, s)
+                torch.cuda.synchronize()
+            per = defaultdict(float)
+            for e in prof.key_averages():
+                if e.device_type.name == "CUDA":
+                    per[e.key[:24]] += e.device_time_total / 1e3 / 10
+            total = sum(per.values())
+            print(f"{shape} {name:40s} GPU {total:.4f} ms: "
+                  + ", ".join(f"{k} {t:.4f}" for k, t in sorted(per.items(), key=lambda x: -x[1])), flush=True)
+        for i in range(1, len(versions)):
+            d = [((b.float() - a.float()).abs().max() / a.float().abs().max()).item() for a, b in zip(outs[0], outs[i])]
+            print(f"{shape} {versions[i][0]} vs A, max |diff| / max |A|: o {d[0]:.2e} dq {d[1]:.2e} "
+                  f"dg {d[2]:.2e} dv {d[3]:.2e}", flush=True)
+        del graphs
+
+
+if __name__ == "__main__":
+    main()
