@@ -15,11 +15,14 @@ key's backward); SDPA gets [B, H, T, D] bf16, causal. Times are triton.testing.d
 ms (CUDA events). Every input set here is at least 96 MB, over the H100's 50 MB L2, so repeated
 calls do not run from cache.
 
-The op's time depends on where its buffers land (on the H100, 2026-11-24, the same shape read
-1.08 and 1.35 ms fwd+bwd between two sets of buffers; benchmarks/buffer_placement.py). So each
-shape is measured in --rounds rounds (default 3), each on fresh inputs after emptying the
-allocator's cache and holding a spacer allocation of a different size; every time in the table is
-the median over the rounds of each round's median, and the JSON keeps each round's figures.
+Each call is timed two ways: eager (do_bench over the Python calls, what an eager user sees) and
+as GPU time (the same call captured once in a CUDA graph, do_bench over its replays). Eager
+timings on the H100 swing by up to ~1.4x from one do_bench to the next on the same buffers
+(benchmarks/same_buffers.py, 2026-11-24): the host side (Python dispatch, kernel launches) bounds
+them part of the time, for fla as for this op; graph replays repeat to the third digit. Kernels
+are compared by GPU time. Each shape is measured in --rounds rounds (default 3), ours, SDPA and
+fla in turn within a round; every figure is the median over the rounds, and the JSON keeps each
+round's figures.
 
 The memory floor of a shape is the fewest bytes the op must move over the measured copy bandwidth
 (read + write): forward reads q, g (fp32), v and writes o; forward+backward adds reading q, g, v, do
@@ -64,26 +67,44 @@ def copy_bandwidth():
     return 2 * x.numel() * x.element_size() / (ms * 1e-3)  # bytes/s, read + write
 
 
-def fwd_bwd(fn, leaves):
+def graphed(fn):
+    """fn captured in a CUDA graph (after warm-up on a side stream, as capture requires): its
+    replay, which runs the same kernels with no host work between them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def fwd_bwd(fn, leaves, graphs=False):
+    """(fwd, fwd+bwd) eager medians; with graphs, also (fwd, fwd+bwd) as CUDA-graph replays."""
     out = fn()
     do = torch.randn_like(out)
 
     def step():
         fn().backward(do)
 
-    return bench(fn), bench(step, grad_to_none=leaves)
+    times = (bench(fn), bench(step, grad_to_none=leaves))
+    if not graphs:
+        return times
+    fwd_graph = graphed(fn)
+    for leaf in leaves:  # the captured backward allocates the gradients, as grad_to_none leaves it to
+        leaf.grad = None
+    step_graph = graphed(step)
+    return times + (bench(fwd_graph), bench(step_graph))
 
 
 def run_shape(B, T, H, K, bw, fla, gates="logsigmoid", rounds=3):
-    """One row: each figure the median over `rounds` placements of the buffers (see the module
-    docstring), each placement's own figures under "rounds"."""
-    per_round = []
-    for r in range(rounds):
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-        spacer = torch.empty(r * (3 << 20) + (1 << 20), device=DEVICE, dtype=torch.uint8)
-        per_round.append(run_placement(B, T, H, K, fla, gates))
-        del spacer
+    """One row: each figure the median over `rounds` rounds (see the module docstring), each
+    round's own figures under "rounds"."""
+    q, g, v = inputs(B, T, H, K, gates)
+    per_round = [run_round(q, g, v, fla, gates) for _ in range(rounds)]
     row = {"B": B, "T": T, "H": H, "K": K, "gates": gates}
     for key in per_round[0]:
         row[key] = statistics.median(x[key] for x in per_round)
@@ -94,7 +115,7 @@ def run_shape(B, T, H, K, bw, fla, gates="logsigmoid", rounds=3):
     bwd_bytes = n * (K * 2 + K * 4 + V * 2 + V * 2) + n * (K * 2 + K * 4 + V * 2)
     row["floor_fwd"] = fwd_bytes / bw * 1e3
     row["floor_fwdbwd"] = (fwd_bytes + bwd_bytes) / bw * 1e3
-    row["ns_per_token_fwdbwd"] = row["ours_fwdbwd"] * 1e6 / (B * T)
+    row["ns_per_token_fwdbwd"] = row[_main(row, "ours")] * 1e6 / (B * T)
     return row
 
 
@@ -110,43 +131,53 @@ def inputs(B, T, H, K, gates="logsigmoid"):
     return q, g.requires_grad_(), v
 
 
-def run_placement(B, T, H, K, fla, gates):
-    """Times of ours, SDPA and fla on one fresh set of inputs."""
-    dev = DEVICE
-    q, g, v = inputs(B, T, H, K, gates)
-    row = {}
-    row["ours_fwd"], row["ours_fwdbwd"] = fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], [q, g, v])
+_KEYS = ("fwd", "fwdbwd", "fwd_graph", "fwdbwd_graph")
+
+
+def _main(row, name):
+    """The figure a row compares by: GPU time (graph replay) where measured, else eager."""
+    return f"{name}_fwdbwd_graph" if f"{name}_fwdbwd_graph" in row else f"{name}_fwdbwd"
+
+
+def run_round(q, g, v, fla, gates):
+    """One round: ours, SDPA and fla in turn, on the same inputs."""
+    B, T, H, K = q.shape
+    graphs = DEVICE == "cuda"
+    row = dict(zip(("ours_" + k for k in _KEYS), fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], [q, g, v], graphs)))
     if gates == "logsigmoid":
-        qs, ks, vs = (torch.randn(B, H, T, K, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        row["sdpa_fwd"], row["sdpa_fwdbwd"] = fwd_bwd(
-            lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), [qs, ks, vs]
-        )
+        qs, ks, vs = (torch.randn(B, H, T, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+                      for _ in range(3))
+        sdpa = fwd_bwd(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), [qs, ks, vs], graphs)
+        row.update(zip(("sdpa_" + k for k in _KEYS), sdpa))
     print("partial", (B, T, H, K), row, flush=True)  # fla's first call autotunes for minutes on a fresh machine
     if fla is not None and gates == "logsigmoid":
         k = (1 - g.detach().exp()).to(torch.bfloat16).requires_grad_()
         gl = g.detach().clone().requires_grad_()
-        row["fla_fwd"], row["fla_fwdbwd"] = fwd_bwd(lambda: fla(q, k, v, gl, scale=K**-0.5)[0], [q, k, v, gl])
+        row.update(zip(("fla_" + k for k in _KEYS),
+                       fwd_bwd(lambda: fla(q, k, v, gl, scale=K**-0.5)[0], [q, k, v, gl], graphs)))
     return row
 
 
 def table(rows, bw):
     head = (
-        "| B, T, H, K | gates | ours fwd | ours fwd+bwd | fla fwd | fla fwd+bwd | fla / ours (f+b) "
-        "| SDPA fwd | SDPA f+b | floor fwd | floor f+b | ours f+b / floor | ours ns/token (f+b) "
-        "| ours f+b, each round |"
+        "| B, T, H, K | gates | ours fwd | ours f+b | fla fwd | fla f+b | fla / ours (f+b) | SDPA fwd | SDPA f+b "
+        "| floor fwd | floor f+b | ours f+b / floor | ours ns/token (f+b) | eager: ours f+b | eager: fla f+b "
+        "| eager: ours f+b, each round |"
     )
-    lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); times in ms, medians over buffer placements "
-             "of each placement's median", "", head]
-    lines.append("|" + "|".join(["---"] * 14) + "|")
+    lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); times in ms, medians over rounds; GPU time "
+             "(CUDA-graph replay) unless marked eager", "", head]
+    lines.append("|" + "|".join(["---"] * 16) + "|")
     f = lambda r, k: f"{r[k]:.3f}" if k in r else "-"
     for r in rows:
-        ratio = f"{r['fla_fwdbwd'] / r['ours_fwdbwd']:.2f}x" if "fla_fwdbwd" in r else "-"
+        g = "_graph" if "ours_fwd_graph" in r else ""
+        ours, fla = _main(r, "ours"), _main(r, "fla")
+        ratio = f"{r[fla] / r[ours]:.2f}x" if fla in r else "-"
         each = " / ".join(f"{x['ours_fwdbwd']:.3f}" for x in r.get("rounds", []))
         lines.append(
-            f"| {r['B']}, {r['T']}, {r['H']}, {r['K']} | {r['gates']} | {f(r, 'ours_fwd')} | {f(r, 'ours_fwdbwd')} "
-            f"| {f(r, 'fla_fwd')} | {f(r, 'fla_fwdbwd')} | {ratio} | {f(r, 'sdpa_fwd')} | {f(r, 'sdpa_fwdbwd')} "
-            f"| {f(r, 'floor_fwd')} | {f(r, 'floor_fwdbwd')} | {r['ours_fwdbwd'] / r['floor_fwdbwd']:.1f} "
-            f"| {r['ours_fwdbwd'] * 1e6 / (r['B'] * r['T']):.1f} "
+            f"| {r['B']}, {r['T']}, {r['H']}, {r['K']} | {r['gates']} | {f(r, 'ours_fwd' + g)} | {f(r, ours)} "
+            f"| {f(r, 'fla_fwd' + g)} | {f(r, fla)} | {ratio} | {f(r, 'sdpa_fwd' + g)} | {f(r, 'sdpa_fwdbwd' + g)} "
+            f"| {f(r, 'floor_fwd')} | {f(r, 'floor_fwdbwd')} | {r[ours] / r['floor_fwdbwd']:.1f} "
+            f"| {r[ours] * 1e6 / (r['B'] * r['T']):.1f} | {f(r, 'ours_fwdbwd')} | {f(r, 'fla_fwdbwd')} "
             f"| {each} |"
         )
     return "\n".join(lines)
@@ -158,7 +189,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="only the first shape")
     ap.add_argument("--shapes", help="comma-separated indices into SHAPES (default: all)")
     ap.add_argument("--no-slow", action="store_true", help="skip the all-slow-path gates row")
-    ap.add_argument("--rounds", type=int, default=3, help="buffer placements per shape (median taken)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per shape (median taken)")
     ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
                     help="markdown file the table is appended to ('' for none)")
     args = ap.parse_args()

@@ -3,9 +3,10 @@
     python benchmarks/sweep_configs.py [--quick | --shapes i,j] [--configs JSON]
                                        (or JSON in env SWEEP_CONFIGS, shapes in SWEEP_SHAPES)
 
-Ours only (fla and SDPA are in bench_chunk.py, whose inputs and timing it uses): do_bench medians
-in ms, fwd and fwd+bwd, and the time per token of fwd+bwd, bf16, g = logsigmoid(randn), one
-placement of the buffers (bench_chunk.py takes the median of several). Each config is a dict
+Ours only (fla and SDPA are in bench_chunk.py, whose inputs and timing it uses): GPU time
+(do_bench medians of CUDA-graph replays) in ms, fwd and fwd+bwd, and the time per token of
+fwd+bwd, bf16, g = logsigmoid(randn). Configs run one after another: for ratios between two
+versions to the percent, benchmarks/ab_chunk.py interleaves them. Each config is a dict
 of CONFIG updates; they apply to the per-shape overrides (chunk.FAST) too, so what is swept is
 what runs. Each config is first checked against the float64 chunked reference (B=1, T=4096, H=2, K=V=128,
 half the channels strongly decaying, initial state and final-state gradient: long enough for the
@@ -50,7 +51,8 @@ for cfg in CONFIGS:
     for B, T, H, K in SHAPES:
         q, g, v = inputs(B, T, H, K)
         try:
-            fwd, both = fwd_bwd(lambda q=q, g=g, v=v: chunk_hgrn2(q, g, v)[0], [q, g, v])
+            # GPU time (CUDA-graph replays): eager timings swing with the host (bench_chunk.py).
+            fwd, both = fwd_bwd(lambda q=q, g=g, v=v: chunk_hgrn2(q, g, v)[0], [q, g, v], graphs=True)[2:]
         except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
             print(cfg, (B, T, H, K), "failed", str(e)[:300], flush=True)
             break

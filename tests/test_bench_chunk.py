@@ -1,5 +1,5 @@
 """The benchmark's bookkeeping on the CPU (tiny shapes, a stand-in timer): each figure is the
-median over buffer placements, each placement's figures are kept, and the table shows them."""
+median over rounds, each round's figures are kept, and the table shows them."""
 
 import importlib.util
 import itertools
@@ -26,7 +26,7 @@ def bench_chunk(monkeypatch):
     return mod
 
 
-def test_each_figure_is_the_median_over_placements(bench_chunk):
+def test_each_figure_is_the_median_over_rounds(bench_chunk):
     row = bench_chunk.run_shape(1, 70, 1, 16, bw=1e12, fla=None, rounds=3)
     assert len(row["rounds"]) == 3
     for key in ("ours_fwd", "ours_fwdbwd", "sdpa_fwd", "sdpa_fwdbwd"):
