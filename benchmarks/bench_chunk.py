@@ -16,11 +16,12 @@ ms (CUDA events). Every input set here is at least 96 MB, over the H100's 50 MB 
 calls do not run from cache.
 
 Each call is timed two ways: eager (do_bench over the Python calls, what an eager user sees) and
-as GPU time (the same call captured once in a CUDA graph, do_bench over its replays). Eager
+as GPU time (the summed durations of the kernels one call runs, from torch.profiler). Eager
 timings on the H100 swing by up to ~1.4x from one do_bench to the next on the same buffers
 (benchmarks/same_buffers.py, 2026-11-24): the host side (Python dispatch, kernel launches) bounds
-them part of the time, for fla as for this op; graph replays repeat to the third digit. Kernels
-are compared by GPU time. Each shape is measured in --rounds rounds (default 3), ours, SDPA and
+them part of the time, for fla as for this op. Kernels are compared by GPU time. (Capturing the
+calls in CUDA graphs, as benchmarks/ab_chunk.py does for the raw kernels, failed here for the
+autograd backward of the op with torch 2.11.) Each shape is measured in --rounds rounds (default 3), ours, SDPA and
 fla in turn within a round; every figure is the median over the rounds, and the JSON keeps each
 round's figures.
 
@@ -67,23 +68,23 @@ def copy_bandwidth():
     return 2 * x.numel() * x.element_size() / (ms * 1e-3)  # bytes/s, read + write
 
 
-def graphed(fn):
-    """fn captured in a CUDA graph (after warm-up on a side stream, as capture requires): its
-    replay, which runs the same kernels with no host work between them."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
+def gpu_time(fn, reps=20):
+    """GPU time of one call: the summed durations of the kernels (and copies, fills) it runs, from
+    torch.profiler over `reps` calls, per call. Unlike an eager do_bench this does not count the
+    host's dispatch and launch time, which bounds the eager figure part of the time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1e3 / reps
 
 
-def fwd_bwd(fn, leaves, graphs=False):
-    """(fwd, fwd+bwd) eager medians; with graphs, also (fwd, fwd+bwd) as CUDA-graph replays."""
+def fwd_bwd(fn, leaves, gpu=False):
+    """(fwd, fwd+bwd) eager do_bench medians; with gpu, also (fwd, fwd+bwd) GPU time (`gpu_time`)."""
     out = fn()
     do = torch.randn_like(out)
 
@@ -91,13 +92,9 @@ def fwd_bwd(fn, leaves, graphs=False):
         fn().backward(do)
 
     times = (bench(fn), bench(step, grad_to_none=leaves))
-    if not graphs:
+    if not gpu:
         return times
-    fwd_graph = graphed(fn)
-    for leaf in leaves:  # the captured backward allocates the gradients, as grad_to_none leaves it to
-        leaf.grad = None
-    step_graph = graphed(step)
-    return times + (bench(fwd_graph), bench(step_graph))
+    return times + (gpu_time(fn), gpu_time(lambda: torch.autograd.grad(fn(), leaves, do)))
 
 
 def run_shape(B, T, H, K, bw, fla, gates="logsigmoid", rounds=3):
@@ -131,30 +128,30 @@ def inputs(B, T, H, K, gates="logsigmoid"):
     return q, g.requires_grad_(), v
 
 
-_KEYS = ("fwd", "fwdbwd", "fwd_graph", "fwdbwd_graph")
+_KEYS = ("fwd", "fwdbwd", "fwd_gpu", "fwdbwd_gpu")
 
 
 def _main(row, name):
-    """The figure a row compares by: GPU time (graph replay) where measured, else eager."""
-    return f"{name}_fwdbwd_graph" if f"{name}_fwdbwd_graph" in row else f"{name}_fwdbwd"
+    """The figure a row compares by: GPU time where measured, else eager."""
+    return f"{name}_fwdbwd_gpu" if f"{name}_fwdbwd_gpu" in row else f"{name}_fwdbwd"
 
 
 def run_round(q, g, v, fla, gates):
     """One round: ours, SDPA and fla in turn, on the same inputs."""
     B, T, H, K = q.shape
-    graphs = DEVICE == "cuda"
-    row = dict(zip(("ours_" + k for k in _KEYS), fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], [q, g, v], graphs)))
+    gpu = DEVICE == "cuda"
+    row = dict(zip(("ours_" + k for k in _KEYS), fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], [q, g, v], gpu)))
     if gates == "logsigmoid":
         qs, ks, vs = (torch.randn(B, H, T, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
                       for _ in range(3))
-        sdpa = fwd_bwd(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), [qs, ks, vs], graphs)
+        sdpa = fwd_bwd(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), [qs, ks, vs], gpu)
         row.update(zip(("sdpa_" + k for k in _KEYS), sdpa))
     print("partial", (B, T, H, K), row, flush=True)  # fla's first call autotunes for minutes on a fresh machine
     if fla is not None and gates == "logsigmoid":
         k = (1 - g.detach().exp()).to(torch.bfloat16).requires_grad_()
         gl = g.detach().clone().requires_grad_()
         row.update(zip(("fla_" + k for k in _KEYS),
-                       fwd_bwd(lambda: fla(q, k, v, gl, scale=K**-0.5)[0], [q, k, v, gl], graphs)))
+                       fwd_bwd(lambda: fla(q, k, v, gl, scale=K**-0.5)[0], [q, k, v, gl], gpu)))
     return row
 
 
@@ -165,11 +162,11 @@ def table(rows, bw):
         "| eager: ours f+b, each round |"
     )
     lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); times in ms, medians over rounds; GPU time "
-             "(CUDA-graph replay) unless marked eager", "", head]
+             "(summed kernel durations) unless marked eager", "", head]
     lines.append("|" + "|".join(["---"] * 16) + "|")
     f = lambda r, k: f"{r[k]:.3f}" if k in r else "-"
     for r in rows:
-        g = "_graph" if "ours_fwd_graph" in r else ""
+        g = "_gpu" if "ours_fwd_gpu" in r else ""
         ours, fla = _main(r, "ours"), _main(r, "fla")
         ratio = f"{r[fla] / r[ours]:.2f}x" if fla in r else "-"
         each = " / ".join(f"{x['ours_fwdbwd']:.3f}" for x in r.get("rounds", []))

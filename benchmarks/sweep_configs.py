@@ -4,7 +4,7 @@
                                        (or JSON in env SWEEP_CONFIGS, shapes in SWEEP_SHAPES)
 
 Ours only (fla and SDPA are in bench_chunk.py, whose inputs and timing it uses): GPU time
-(do_bench medians of CUDA-graph replays) in ms, fwd and fwd+bwd, and the time per token of
+(summed kernel durations per call, bench_chunk.gpu_time) in ms, fwd and fwd+bwd, and the time per token of
 fwd+bwd, bf16, g = logsigmoid(randn). Configs run one after another: for ratios between two
 versions to the percent, benchmarks/ab_chunk.py interleaves them. Each config is a dict
 of CONFIG updates; they apply to the per-shape overrides (chunk.FAST) too, so what is swept is
@@ -51,8 +51,8 @@ for cfg in CONFIGS:
     for B, T, H, K in SHAPES:
         q, g, v = inputs(B, T, H, K)
         try:
-            # GPU time (CUDA-graph replays): eager timings swing with the host (bench_chunk.py).
-            fwd, both = fwd_bwd(lambda q=q, g=g, v=v: chunk_hgrn2(q, g, v)[0], [q, g, v], graphs=True)[2:]
+            # GPU time: eager timings swing with the host (bench_chunk.py).
+            fwd, both = fwd_bwd(lambda q=q, g=g, v=v: chunk_hgrn2(q, g, v)[0], [q, g, v], gpu=True)[2:]
         except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
             print(cfg, (B, T, H, K), "failed", str(e)[:300], flush=True)
             break

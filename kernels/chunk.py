@@ -198,12 +198,13 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # chunks; fewer registers, fewer spills) and redo the programs it flags (chunks decaying past
 # e^120) in a second launch that takes every path (`_launch_chunks`).
 #
-# Measured (H100, Triton 3.6, 2026-11-24, benchmarks/RESULTS.md): bf16 B=8 T=2048 H=8 K=V=128,
-# 0.33 ms forward and 1.10 ms forward+backward (fla's chunk_gla 0.45 / 2.28 in the same run;
-# 1.1x to 2.1x over the benchmark shapes and runs: the same shape varies by up to 1.7x between
-# runs with where its buffers land). Every kernel is register-bound (255 registers per thread; at
-# 8 warps the dq/dg kernel fits one program per SM, so its loads are not hidden behind another
-# program's math). By bytes moved (g fp32 and the states dominate) this design needs ~0.5 ms
+# Measured (H100, Triton 3.6, 2026-11-24, benchmarks/RESULTS.md), GPU time: bf16 B=8 T=2048 H=8
+# K=V=128, 0.27 ms forward and 0.935 ms forward+backward (fla's chunk_gla 0.435 / 1.724 in the
+# same run; 1.65x to 2.18x over the benchmark shapes); per kernel, dq/dg 0.40, out + dv 0.29, both
+# state walks 0.23. Every kernel is register-bound (255 registers per thread; at 8 warps the dq/dg
+# kernel fits one program per SM, so its loads are not hidden behind another program's math) and
+# issues mostly elementwise fp32 work (Nsight Compute: ~1.2 instructions per cycle, FMUL/FADD/FFMA
+# the largest share). By bytes moved (g fp32 and the states dominate) this design needs ~0.5 ms
 # forward+backward even at full bandwidth.
 # ---------------------------------------------------------------------------------------------
 
