@@ -624,8 +624,11 @@ if triton is not None:
                 dq_h += tl.dot(doc, tl.trans(h.to(DT)), input_precision=PREC)
                 dk_h += tl.dot(vc, tl.trans(dh.to(DT)), input_precision=PREC)
                 outside += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 1)
-            qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
+            # Both loads issued before either is used (1.5% faster fwd+bwd than converting q between
+            # them; issuing them before the value loop instead was 2% slower: H100, 2026-11-24).
+            q_tile = _load_tile(q + offk, t0, T, H * K, rows, ck)
             gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
+            qs = q_tile.to(tl.float32) * scale
             b = tl.cumsum(gc, 0)
             b_last = tl.sum(gc, 0)
             k = -_expm1(gc)
