@@ -16,15 +16,19 @@ name, mean per call), and B's largest difference from A relative to A's largest 
 """
 
 import argparse
+import functools
 import importlib.util
 import json
+import os
 import statistics
-from collections import defaultdict
+import sys
 
 import torch
 from hgrn2mini.kernels import chunk as tree
-from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with python -P too
+from bench_chunk import kernel_times  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("old")
@@ -81,19 +85,9 @@ def main():
             print(f"{shape} {name:40s} fwd+bwd {statistics.median(times[i]):.4f} ms  A/this "
                   f"{statistics.median(ratios):.3f} (rounds {' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
         for name, mod, cfg in versions:
-            run(mod, cfg, q, g, v, do, s)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    run(mod, cfg, q, g, v, do, s)
-                torch.cuda.synchronize()
-            per = defaultdict(float)
-            for e in prof.key_averages():
-                if e.device_type.name == "CUDA":
-                    per[e.key[:24]] += e.device_time_total / 1e3 / 10
-            total = sum(per.values())
-            print(f"{shape} {name:40s} GPU {total:.4f} ms: "
-                  + ", ".join(f"{k} {t:.4f}" for k, t in sorted(per.items(), key=lambda x: -x[1])), flush=True)
+            per = kernel_times(functools.partial(run, mod, cfg, q, g, v, do, s), reps=10)
+            print(f"{shape} {name:40s} GPU {sum(per.values()):.4f} ms: "
+                  + ", ".join(f"{k[:24]} {t:.4f}" for k, t in sorted(per.items(), key=lambda x: -x[1])), flush=True)
         for i in range(1, len(versions)):
             d = [((b.float() - a.float()).abs().max() / a.float().abs().max()).item() for a, b in zip(outs[0], outs[i])]
             print(f"{shape} {versions[i][0]} vs A, max |diff| / max |A|: o {d[0]:.2e} dq {d[1]:.2e} "

@@ -68,10 +68,9 @@ def copy_bandwidth():
     return 2 * x.numel() * x.element_size() / (ms * 1e-3)  # bytes/s, read + write
 
 
-def gpu_time(fn, reps=20):
-    """GPU time of one call: the summed durations of the kernels (and copies, fills) it runs, from
-    torch.profiler over `reps` calls, per call. Unlike an eager do_bench this does not count the
-    host's dispatch and launch time, which bounds the eager figure part of the time."""
+def kernel_times(fn, reps=20):
+    """GPU time per call of each kernel (and copy, fill) that fn runs, ms by name: torch.profiler
+    over `reps` calls after one untimed call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -80,7 +79,14 @@ def gpu_time(fn, reps=20):
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1e3 / reps
+    return {e.key: e.device_time_total / 1e3 / reps for e in prof.key_averages() if e.device_type.name == "CUDA"}
+
+
+def gpu_time(fn, reps=20):
+    """GPU time of one call: the summed durations of its kernels (`kernel_times`). Unlike an eager
+    do_bench this does not count the host's dispatch and launch time, which bounds the eager
+    figure part of the time."""
+    return sum(kernel_times(fn, reps).values())
 
 
 def fwd_bwd(fn, leaves, gpu=False):

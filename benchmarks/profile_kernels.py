@@ -3,12 +3,15 @@
     python benchmarks/profile_kernels.py [B T H K] [--gates uniform30]
 """
 
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 from hgrn2mini.kernels import chunk as C
-from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with python -P too
+from bench_chunk import kernel_times  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 B, T, H, K = (int(x) for x in args[:4]) if len(args) >= 4 else (8, 2048, 8, 128)
@@ -21,7 +24,6 @@ if "uniform30" in sys.argv:
 else:
     g = F.logsigmoid(torch.randn(B, T, H, K, device="cuda"))
 s = K**-0.5
-reps = 20
 
 
 def fwd_bwd():
@@ -30,14 +32,6 @@ def fwd_bwd():
     C.chunk_hgrn2_bwd(q, g, v, None, do, None, s, states if C.CONFIG["keep_states"] else None)
 
 
-for _ in range(3):
-    fwd_bwd()
-torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    for _ in range(reps):
-        fwd_bwd()
-    torch.cuda.synchronize()
-print("shape", B, T, H, K, sys.argv[1:], "ms per fwd + bwd, summed over calls:")
-for e in prof.key_averages():
-    if e.device_type.name == "CUDA":
-        print(f"  {e.key[:60]:60s} calls/iter {e.count / reps:4.1f}  {e.device_time_total / 1e3 / reps:.4f}")
+print("shape", B, T, H, K, sys.argv[1:], "ms per fwd + bwd:")
+for name, ms in sorted(kernel_times(fwd_bwd).items(), key=lambda x: -x[1]):
+    print(f"  {name[:60]:60s} {ms:.4f}")
