@@ -28,7 +28,7 @@ from hgrn2mini.kernels import chunk as tree
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with python -P too
-from bench_chunk import kernel_times  # noqa: E402
+from bench_chunk import inputs, kernel_times, set_config  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("old")
@@ -39,8 +39,7 @@ args = p.parse_args()
 spec = importlib.util.spec_from_file_location("chunk_a", args.old)
 old = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(old)
-base_config = dict(tree.CONFIG)
-base_fast = dict(tree.FAST)
+bases = {mod: (dict(mod.CONFIG), dict(mod.FAST)) for mod in (old, tree)}
 versions = [("A", old, {}), ("B", tree, {})] + [(f"B+{json.dumps(c)}", tree, c) for c in json.loads(args.configs)]
 for mod in (old, tree):
     mod._launch = lambda kernel: kernel
@@ -48,25 +47,18 @@ for mod in (old, tree):
 
 def run(mod, cfg, q, g, v, do, s):
     """Forward + backward of one version; cfg updates CONFIG and the per-shape overrides (FAST)."""
-    mod.CONFIG.clear()
-    mod.CONFIG.update(base_config if mod is tree else old_config, **cfg)
-    if mod is tree:
-        tree.FAST = {key: {**over, **{k: x for k, x in cfg.items() if k in over}} for key, over in base_fast.items()}
+    set_config(mod, *bases[mod], cfg)
     o, _, states = mod.chunk_hgrn2_fwd_with_states(q, g, v, None, s)
     return (o,) + mod.chunk_hgrn2_bwd(q, g, v, None, do, None, s, states)[:3]
 
-
-old_config = dict(old.CONFIG)
 
 
 def main():
     for shape in args.shapes.split(","):
         Bn, T, H = (int(x) for x in shape.split("x"))
-        K = V = 128
-        q = torch.randn(Bn, T, H, K, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(Bn, T, H, V, device="cuda", dtype=torch.bfloat16)
+        K = 128
+        q, g, v = (x.detach() for x in inputs(Bn, T, H, K))
         do = torch.randn_like(v)
-        g = torch.nn.functional.logsigmoid(torch.randn(Bn, T, H, K, device="cuda"))
         s = K**-0.5
         graphs, outs = [], []
         for _, mod, cfg in versions:

@@ -122,6 +122,15 @@ def run_shape(B, T, H, K, bw, fla, gates="logsigmoid", rounds=3):
     return row
 
 
+def set_config(chunk, base, base_fast, update):
+    """chunk.CONFIG = base with `update` applied, and the same keys applied to each per-shape
+    override (chunk.FAST = base_fast, updated where an override sets the key), so that what is
+    asked for is what runs. For sweeps and A/B runs over launch configurations."""
+    chunk.CONFIG.clear()
+    chunk.CONFIG.update(base, **update)
+    chunk.FAST = {key: {**over, **{k: x for k, x in update.items() if k in over}} for key, over in base_fast.items()}
+
+
 def inputs(B, T, H, K, gates="logsigmoid"):
     """The op's leaves q, g, v as HGRN2 feeds them (V = K): q, v bf16, g fp32 logsigmoid(randn),
     or with gates="uniform30" uniform in [-30, 0] (every sub-block on the slow path)."""

@@ -7,22 +7,15 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from hgrn2mini.kernels import chunk as C
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with python -P too
-from bench_chunk import kernel_times  # noqa: E402
+from bench_chunk import inputs, kernel_times  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 B, T, H, K = (int(x) for x in args[:4]) if len(args) >= 4 else (8, 2048, 8, 128)
-V = K
-q = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
-v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+q, g, v = (x.detach() for x in inputs(B, T, H, K, "uniform30" if "uniform30" in sys.argv else "logsigmoid"))
 do = torch.randn_like(v)
-if "uniform30" in sys.argv:
-    g = -30 * torch.rand(B, T, H, K, device="cuda")
-else:
-    g = F.logsigmoid(torch.randn(B, T, H, K, device="cuda"))
 s = K**-0.5
 
 

@@ -23,11 +23,9 @@ from hgrn2mini.kernels import chunk as C
 from hgrn2mini.ops import chunk_hgrn2
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with python -P too
-from bench_chunk import fwd_bwd, inputs  # noqa: E402
+from bench_chunk import SHAPES, fwd_bwd, inputs, set_config  # noqa: E402
 from check_shapes import errors  # noqa: E402
 
-SHAPES = [(8, 2048, 8, 128), (4, 4096, 8, 128), (2, 8192, 8, 128), (1, 16384, 8, 128),
-          (8, 2048, 16, 128), (16, 2048, 6, 128), (8, 2048, 16, 64)]
 if "--configs" in sys.argv:
     CONFIGS = json.loads(sys.argv[sys.argv.index("--configs") + 1])
 else:
@@ -38,14 +36,11 @@ picked = sys.argv[sys.argv.index("--shapes") + 1] if "--shapes" in sys.argv else
 if picked:
     SHAPES = [SHAPES[int(i)] for i in picked.split(",")]
 base = dict(C.CONFIG)
-base_fast = {key: dict(o) for key, o in C.FAST.items()}
+base_fast = dict(C.FAST)
 
 
 for cfg in CONFIGS:
-    C.CONFIG.clear()
-    C.CONFIG.update(base, **cfg)
-    for key, override in base_fast.items():
-        C.FAST[key] = {**override, **cfg}
+    set_config(C, base, base_fast, cfg)
     print(json.dumps(dict(cfg=cfg, rel_err_bf16=errors(128, 128, torch.bfloat16, B=1, T=4096, gates="mixed"))),
           flush=True)
     for B, T, H, K in SHAPES:

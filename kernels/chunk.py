@@ -214,6 +214,10 @@ try:
 except ImportError:  # pragma: no cover - triton is a dependency; keep the CPU path importable
     triton = None
 
+# Whether Triton's interpreter runs the kernels (CPU tests). Read once, when this module is
+# imported, as Triton reads it when the kernels are decorated: both the launch path (`_launch`)
+# and the kernels' own constexpr (`_exp`) follow this one value.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _FAST_RANGE = 60.0  # exp(60) = 1.1e26 and exp(-60) = 8.8e-27: finite and normal in fp32 and bf16
 _BT, _BC = 64, 16
 _DIMS = (16, 32, 64, 128, 256)
@@ -236,8 +240,7 @@ def triton_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    # Read when the module is imported, as Triton itself reads TRITON_INTERPRET.
-    _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+    _INTERPRET = tl.constexpr(_INTERPRETING)
 
     @triton.jit
     def _exp(x):
@@ -653,14 +656,10 @@ if triton is not None:
                 tl.store(flags + pid, _bad(b_last, FAST_RANGE))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _launch(kernel):
     # wrap_triton lets Inductor see the kernel inside the triton_op; the interpreter (CPU tests)
     # runs the raw kernel.
-    return kernel if _interpreting() else wrap_triton(kernel)
+    return kernel if _INTERPRETING else wrap_triton(kernel)
 
 
 def _launch_chunks(kernel, grid, *args, **meta):

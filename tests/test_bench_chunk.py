@@ -38,3 +38,20 @@ def test_each_figure_is_the_median_over_rounds(bench_chunk):
     assert line.startswith("| 1, 70, 1, 16 | logsigmoid |")
     assert " / ".join(f"{r['ours_fwdbwd']:.3f}" for r in row["rounds"]) in line
     assert line.count("|") == md.splitlines()[2].count("|")  # as many cells as the header
+
+
+def test_set_config_reaches_the_per_shape_overrides(bench_chunk, monkeypatch):
+    """A launch-config update applies to CONFIG and to each FAST override that sets the key (an
+    override would otherwise win over the update), and the next update starts from the base."""
+    from hgrn2mini.kernels import chunk
+
+    monkeypatch.setattr(chunk, "CONFIG", dict(chunk.CONFIG))
+    monkeypatch.setattr(chunk, "FAST", {k: dict(o) for k, o in chunk.FAST.items()})
+    base, base_fast = dict(chunk.CONFIG), dict(chunk.FAST)
+    key = next(iter(base_fast))
+    overridden = next(iter(base_fast[key]))
+    bench_chunk.set_config(chunk, base, base_fast, {overridden: 16, "dqg_stages": 2})
+    assert chunk.CONFIG[overridden] == 16 and chunk.CONFIG["dqg_stages"] == 2
+    assert chunk.FAST[key][overridden] == 16 and "dqg_stages" not in chunk.FAST[key]
+    bench_chunk.set_config(chunk, base, base_fast, {})
+    assert chunk.CONFIG == base and chunk.FAST == base_fast
