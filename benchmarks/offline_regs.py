@@ -56,8 +56,10 @@ def check(K: int, V: int) -> int:
     variants = [(C._state_kernel, dict(BS=min(K, V, 64), REVERSE=rev, HAS_H0=True, SEGMENTED=seg))
                 for rev in (False, True) for seg in (False, True)]
     modes = [dict(GENERAL=False, FLAGGED=False), dict(GENERAL=True, FLAGGED=True), dict(GENERAL=True, FLAGGED=False)]
-    variants += [(C._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=dv, **m))
-                 for dv in (False, True) for m in modes]
+    # The out kernel joins a segmented walk's states in its first (or only) launch, never in the second.
+    variants += [(C._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=dv, JOIN=join, JR=min(K, 32),
+                                      **m))
+                 for dv in (False, True) for m in modes for join in (False, True) if not (join and m["FLAGGED"])]
     variants += [(C._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0, **m))
                  for m in modes]
     failed = 0
@@ -73,7 +75,7 @@ def check(K: int, V: int) -> int:
             except Exception as e:  # noqa: BLE001 - reported, counted
                 failed += 1
                 ok = "FAILED " + str(e).splitlines()[-1][:300]
-            flags = ("REVERSE", "SEGMENTED", "DV", "GENERAL", "FLAGGED")
+            flags = ("REVERSE", "SEGMENTED", "DV", "GENERAL", "FLAGGED", "JOIN")
             print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
     return failed
 
@@ -91,12 +93,13 @@ def main():
             print("segment", usage(C._segment_kernel, ptrs, dict(K=K, V=V, BS=64, REVERSE=rev), 4), flush=True)
         print("fixup", usage(C._fixup_kernel, ptrs, dict(K=K, V=V, BT=64, BS=64), 4), flush=True)
     if "out" in what:
-        for BK, BVO, warps, general in [(128, 128, 4, False), (64, 128, 8, False), (64, 128, 4, False),
-                                        (32, 128, 8, False), (64, 128, 8, True)]:
+        for BK, BVO, warps, general, join in [(128, 128, 4, False, False), (128, 128, 4, False, True),
+                                              (64, 128, 8, False, False), (64, 128, 4, False, False),
+                                              (32, 128, 8, False, False), (64, 128, 8, True, False)]:
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=60.0, DV=False,
-                     GENERAL=general, FLAGGED=general)
-            print("out", dict(BK=BK, BVO=BVO, warps=warps, general=general), usage(C._out_kernel, ptrs, c, warps),
-                  flush=True)
+                     GENERAL=general, FLAGGED=general, JOIN=join, JR=32)
+            print("out", dict(BK=BK, BVO=BVO, warps=warps, general=general, join=join),
+                  usage(C._out_kernel, ptrs, c, warps), flush=True)
     if "dqg" in what:
         for BK, warps, general in [(64, 8, False), (32, 4, False), (32, 8, False), (16, 4, False), (64, 8, True)]:
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0,

@@ -508,30 +508,39 @@ if triton is not None:
         tl.store(hT + bh * K * V + state_off, h)
 
     @triton.jit
+    def _join(h, decay, h_in, bh, n, NT, NSEG, ck, state_off, K: tl.constexpr, V: tl.constexpr):
+        """A segment-local state tile made global: h + decay[n] * (state entering n's segment),
+        in fp32 (see `_state_kernel`, SEGMENTED)."""
+        s = n // tl.cdiv(NT, NSEG)
+        d = tl.load(decay + (bh * NT + n) * K + ck)
+        incoming = tl.load(h_in + (bh * NSEG + s) * K * V + state_off)
+        return h.to(tl.float32) + d[:, None] * incoming
+
+    @triton.jit
     def _fixup_kernel(
         states, decay, h_in,  # [B*H, NT, K, V] (in place), [B*H, NT, K], [B*H, NSEG, K, V] fp32
         T, NSEG, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     ):
-        """states[n] += decay[n] * (state entering n's segment): local states made global."""
+        """states[n] += decay[n] * (state entering n's segment): local states made global. Used
+        where no out kernel reads the states next (the backward walking them again); otherwise
+        the out kernel joins them as it loads them (JOIN)."""
         n, bh, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
-        s = n // tl.cdiv(NT, NSEG)
         ck = (tile // (V // BS)) * BS + tl.arange(0, BS)
         cv = (tile % (V // BS)) * BS + tl.arange(0, BS)
         state_off = ck[:, None] * V + cv[None, :]
-        d = tl.load(decay + (bh * NT + n) * K + ck)
-        incoming = tl.load(h_in + (bh * NSEG + s) * K * V + state_off)
         ptr = states + (bh * NT + n) * K * V + state_off
-        x = tl.load(ptr).to(tl.float32) + d[:, None] * incoming
+        x = _join(tl.load(ptr), decay, h_in, bh, n, NT, NSEG, ck, state_off, K, V)
         tl.store(ptr, x.to(states.dtype.element_ty))
 
     @triton.jit
     def _out_kernel(
         q, g, v, states, o,  # q, g [B, T, H, K]; v, o [B, T, H, V]; states [B*H, NT, K, V]
         T, H, scale, flags,  # flags [grid size] int8: programs the GENERAL variant redoes
+        decay, h_in, NSEG,  # JOIN only: the segmented walk's decays and incoming states, in JR-row slices
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
-        DV: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr,
+        DV: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr, JOIN: tl.constexpr, JR: tl.constexpr,
     ):
         """One chunk, BVO value channels; A built over key blocks in registers, never stored.
 
@@ -541,6 +550,11 @@ if triton is not None:
         Launched twice where `_launch_chunks` says so: the first variant takes the whole-chunk
         in-chunk path only and flags the programs whose chunk decays past it; the GENERAL, FLAGGED
         variant redoes those and returns at once elsewhere. Else once, GENERAL and not FLAGGED.
+
+        JOIN (first launch only): the states come from a segmented walk, local to their segment;
+        each program first makes its own [K, BVO] slice of chunk n's state global (`_join`) in
+        place, for itself and the kernels after it: the fixup kernel's work without its separate
+        pass over the states (the re-read comes from L2).
         """
         iv, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
@@ -556,6 +570,13 @@ if triton is not None:
             cv = iv * BVO + tl.arange(0, BVO)
             offk, offv = _head(bh, T, H, K, V)
             st = states + (bh * NT + n) * K * V
+            if JOIN:  # before the body's tiles are live, in slices unrolled so that their loads overlap
+                for r in tl.static_range(0, K // JR):
+                    cj = r * JR + tl.arange(0, JR)
+                    off = cj[:, None] * V + cv[None, :]
+                    joined = _join(tl.load(st + off), decay, h_in, bh, n, NT, NSEG, cj, off, K, V)
+                    tl.store(st + off, joined.to(states.dtype.element_ty))
+                tl.debug_barrier()  # what one thread stored, others read back below
             A = tl.zeros([BT, BT], dtype=tl.float32)
             oc = tl.zeros([BT, BVO], dtype=tl.float32)
             bad = tl.zeros([], dtype=tl.int8)
@@ -662,17 +683,27 @@ def _launch(kernel):
     return kernel if _INTERPRETING else wrap_triton(kernel)
 
 
-def _launch_chunks(kernel, grid, *args, **meta):
+def _launch_chunks(kernel, grid, *args, join=None, **meta):
     """Launches the out or dq/dg kernel over its grid: where K and V are at least
     CONFIG["two_pass_min_dim"], as its whole-chunk variant and then its GENERAL, FLAGGED variant,
     which redoes the programs the first flagged (chunks decaying by more than e^120) and returns
-    elsewhere; else once, GENERAL for every program."""
+    elsewhere; else once, GENERAL for every program. join (out kernel only): None for a kernel
+    without JOIN, else `_run_states`' join of a segmented walk or False; the first launch joins
+    the states, so the second must not."""
     flags = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
+    extra = {}
+    if join is not None:
+        decay, h_in, nseg = join if join else (flags, flags, 1)
+        # Slices of 32 rows (the states' rows are K): 16-row slices in a loop, not unrolled, made the
+        # out kernel ~0.05 ms slower than the fixup kernel it replaces (H100, 2026-11-24).
+        extra = dict(decay=decay, h_in=h_in, NSEG=nseg, JOIN=bool(join), JR=min(32, meta["K"]))
     if min(meta["K"], meta["V"]) >= CONFIG["two_pass_min_dim"]:
         for general in (False, True):
-            _launch(kernel)[grid](*args, flags=flags, GENERAL=general, FLAGGED=general, **meta)
+            if general and join is not None:
+                extra["JOIN"] = False
+            _launch(kernel)[grid](*args, flags=flags, GENERAL=general, FLAGGED=general, **extra, **meta)
     else:
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=False, **meta)
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=False, **extra, **meta)
 
 
 def _dot_config(dtype: torch.dtype):
@@ -690,7 +721,7 @@ def _dot_config(dtype: torch.dtype):
 # Larger key blocks at V = 16 gave wrong bf16 outputs (K = 256, out_bk 128) and an illegal address
 # (dqg_bk 64) on the H100 with Triton 3.6: keep overrides to the shapes they were checked at.
 CONFIG = {
-    "state_bs": 64, "state_warps": 4, "state_stages": 3, "min_programs": 128,
+    "state_bs": 64, "state_warps": 4, "state_stages": 3, "min_programs": 256,
     # Segments of the state walk (see _state_kernel), up to max_segments where the state tiles
     # alone give fewer than min_programs programs (B*H small, T long). Measured 2026-11-24, fwd+bwd
     # B=1 T=16384 H=8 K=V=128: 1.36 ms with segments against 1.93 without; where B*H fills the
@@ -720,9 +751,11 @@ def _cfg(q: torch.Tensor, v: torch.Tensor, key: str):
     return CONFIG[key]
 
 
-def _run_states(q, g, x, h0, reverse, scale):
-    """Chunk-start states (or chunk-end state gradients), [B*H, NT, K, V] in q's dtype, and the
-    final state (or d initial state), fp32."""
+def _run_states(q, g, x, h0, reverse, scale, join_later=False):
+    """Chunk-start states (or chunk-end state gradients), [B*H, NT, K, V] in q's dtype, the final
+    state (or d initial state), fp32, and the join: where the walk was segmented and join_later,
+    (decay, h_in, nseg) for the out kernel to make the states global as it reads them (JOIN),
+    else False (the states are global already)."""
     B, T, H, K = q.shape
     V = x.shape[-1]
     NT = triton.cdiv(T, _BT)
@@ -747,7 +780,7 @@ def _run_states(q, g, x, h0, reverse, scale):
     h0_ = h0 if h0 is not None else hT
     if nseg == 1:
         _launch(_state_kernel)[grid](q, g, x, h0_, states, hT, hT, hT, T, H, scale, 1, SEGMENTED=False, **common)
-        return states, hT
+        return states, hT, False
     seg_end = torch.empty(B * H, nseg, K, V, device=dev, dtype=torch.float32)
     h_in = torch.empty_like(seg_end)
     decay = torch.empty(B * H, NT, K, device=dev, dtype=torch.float32)
@@ -756,19 +789,22 @@ def _run_states(q, g, x, h0, reverse, scale):
                                  SEGMENTED=True, **common)
     _launch(_segment_kernel)[(K // BS, V // BS, B * H)](seg_end, seg_decay, h_in, hT, nseg, K=K, V=V, BS=BS,
                                                         REVERSE=reverse)
+    if join_later:
+        return states, hT, (decay, h_in, nseg)
     _launch(_fixup_kernel)[(NT, B * H, (K // BS) * (V // BS))](states, decay, h_in, T, nseg, K=K, V=V, BT=_BT, BS=BS)
-    return states, hT
+    return states, hT, False
 
 
-def _run_out(q, g, v, states, scale, dv):
-    """o (or dv, from do and the state gradients) through _out_kernel."""
+def _run_out(q, g, v, states, scale, dv, join):
+    """o (or dv, from do and the state gradients) through _out_kernel; join as `_run_states`
+    returns it (a segmented walk's states are made global here, in place)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     DT, PREC, _ = _dot_config(q.dtype)
     out = torch.empty_like(v)
     BK, BVO = min(K, _cfg(q, v, "out_bk")), min(V, CONFIG["out_bv"])
     _launch_chunks(
-        _out_kernel, (V // BVO, triton.cdiv(T, _BT), B * H), q, g, v, states, out, T, H, scale,
+        _out_kernel, (V // BVO, triton.cdiv(T, _BT), B * H), q, g, v, states, out, T, H, scale, join=join,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, DV=dv,
         num_warps=_cfg(q, v, "out_warps"), num_stages=CONFIG["out_stages"],
     )
@@ -781,8 +817,8 @@ def chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale):
     instead of walking the sequence again."""
     q, g, v = q.contiguous(), g.contiguous(), v.contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
-    states, hT = _run_states(q, g, v, h0, False, scale)
-    return _run_out(q, g, v, states, scale, False), hT, states
+    states, hT, join = _run_states(q, g, v, h0, False, scale, join_later=True)
+    return _run_out(q, g, v, states, scale, False, join), hT, states
 
 
 def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
@@ -801,9 +837,10 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None):
     h0 = initial_state.contiguous() if initial_state is not None else None
     DT, PREC, PREC32 = _dot_config(q.dtype)
     if states is None:
-        states, _ = _run_states(q, g, v, h0, False, scale)
-    dstates, dh0 = _run_states(q, g, do, dht.contiguous() if dht is not None else None, True, scale)
-    dv = _run_out(q, g, do, dstates, scale, True)
+        states, _, _ = _run_states(q, g, v, h0, False, scale)
+    dstates, dh0, join = _run_states(q, g, do, dht.contiguous() if dht is not None else None, True, scale,
+                                     join_later=True)
+    dv = _run_out(q, g, do, dstates, scale, True, join)
     dq, dg = torch.empty_like(q), torch.empty_like(g)
     # State tiles [BK, BV] with BK < BV faulted (illegal address) or gave wrong bf16 results on the
     # H100 with Triton 3.6, so BV = BK.

@@ -121,13 +121,16 @@ def test_kernel_variants_compile_with_inductors_argument_types():
     run = subprocess.run([sys.executable, str(script), "--check", "16", "32"], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count(" ok") == 26, run.stdout
+    assert run.stdout.count(" ok") == 34, run.stdout
 
 
 # The state walk cut into segments walked in parallel, then joined (CONFIG max_segments): forced
-# here on small shapes; uneven segments (10 and 11 chunks into 4), with and without states.
-@pytest.mark.parametrize("T, with_state, gate", [(600, True, "long_memory"), (650, False, "strong_decay")])
-def test_triton_kernels_segmented_state_walk(T, with_state, gate, monkeypatch):
+# here on small shapes; uneven segments (10 and 11 chunks into 4), with and without states; K = 64
+# joins the states in the out kernel in two slices of rows.
+@pytest.mark.parametrize("T, with_state, gate, K, V", [(600, True, "long_memory", 16, 32),
+                                                       (650, False, "strong_decay", 16, 32),
+                                                       (330, True, "moderate", 64, 16)])
+def test_triton_kernels_segmented_state_walk(T, with_state, gate, K, V, monkeypatch):
     monkeypatch.setitem(C.CONFIG, "max_segments", 8)
     monkeypatch.setitem(C.CONFIG, "min_segment_chunks", 1)
     monkeypatch.setitem(C.CONFIG, "min_programs", 10**6)
@@ -135,7 +138,7 @@ def test_triton_kernels_segmented_state_walk(T, with_state, gate, monkeypatch):
     real_launch = C._launch
     monkeypatch.setattr(C, "_launch", lambda kernel: launched.append(kernel) or real_launch(kernel))
     torch.manual_seed(3)
-    B, H, K, V = 1, 2, 16, 32
+    B, H = 1, 2
     q, v, do = torch.randn(B, T, H, K), torch.randn(B, T, H, V), torch.randn(B, T, H, V)
     g = _gates(gate, (B, T, H, K))
     h0 = torch.randn(B, H, K, V) if with_state else None
@@ -144,12 +147,18 @@ def test_triton_kernels_segmented_state_walk(T, with_state, gate, monkeypatch):
     h0, dht = (x.to(DEVICE) if x is not None else None for x in (h0, dht))
     errs = _fwd_bwd_errors(q, g, v, h0, do, dht, 0.3)
     assert launched.count(C._segment_kernel) == 3  # forward; backward: states again, and their gradients
+    assert launched.count(C._fixup_kernel) == 1  # the states walked again; the others join in the out kernel
     assert all(e <= TOL for e in errs.values()), errs
 
 
-def test_triton_backward_from_kept_states():
+@pytest.mark.parametrize("segmented", [False, True])
+def test_triton_backward_from_kept_states(segmented, monkeypatch):
     """The backward given the forward's states (CONFIG keep_states) equals the one that walks the
-    sequence again, bit for bit."""
+    sequence again, bit for bit; also where the walks are segmented, so that the kept states were
+    joined by the forward's out kernel and the walked-again ones by the fixup kernel."""
+    if segmented:
+        monkeypatch.setitem(C.CONFIG, "min_segment_chunks", 1)
+        monkeypatch.setitem(C.CONFIG, "min_programs", 10**6)
     torch.manual_seed(4)
     B, T, H, K, V = 1, 150, 2, 16, 32
     q, g = torch.randn(B, T, H, K), _gates("moderate", (B, T, H, K))
