@@ -18,8 +18,11 @@ dim, the "state expansion"), H = D / K heads and V = D / H (head value dim):
 Dtypes are stated once: gates, cumulative sums, recurrent states and norms in fp32; inputs,
 outputs and matmuls in the activation dtype (the parameters' dtype).
 
-The recurrence itself is the op `hgrn2mini.ops.chunk_hgrn2`; everything around it (projections,
-gating in log space, norms) is plain PyTorch, so `torch.compile` fuses it around the op.
+The recurrence itself is an op: `hgrn2mini.ops.gated_chunk_hgrn2`, which takes the two gate
+projections and computes the gates in log space inside (`hgrn2mini.ops.gates`, so that training
+keeps the projections for the backward, never the fp32 gates), then runs `chunk_hgrn2`.
+Everything around it (projections, norms) is plain PyTorch, so `torch.compile` fuses it around
+the op.
 """
 
 from __future__ import annotations
@@ -33,10 +36,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as _recompute
 
 from hgrn2mini import checkpoint
-from hgrn2mini.ops import check_state, chunk_hgrn2
+from hgrn2mini.ops import check_state, gated_chunk_hgrn2, gates
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -208,16 +210,6 @@ def hgrn2_recurrent_step(
     return o.to(v.dtype), state
 
 
-def _gates(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None):
-    """HGRN2's output gate q = silu(q_logits) and log forget gate g = log f (fp32), with
-    f = lb + (1 - lb) * sigmoid(f_logits), kept in log space so that gates near 1 (deep layers,
-    lb -> 1) keep their resolution."""
-    g = F.logsigmoid(f_logits.float())
-    if lower_bound is not None:
-        g = torch.logaddexp(lower_bound.log(), torch.log1p(-lower_bound) + g)
-    return F.silu(q_logits), g
-
-
 class HGRN2Attention(nn.Module):
     """HGRN2's token mixer (fla's name): gated linear attention with the key tied to the forget gate."""
 
@@ -247,19 +239,15 @@ class HGRN2Attention(nn.Module):
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         v = self.i_proj(x).view(B, T, H, V)
         lb = lower_bound if self.bounded else None  # lb[0] = 0 exactly; log(0) would give NaN grads
-        if torch.is_grad_enabled():
-            # Recomputed in the backward from the two projections instead of saved: q in bf16 and
-            # g and its log-space intermediate in fp32 would be 5x a projection's bytes per layer.
-            q, g = _recompute(_gates, self.q_proj(x), self.f_proj(x), lb, use_reentrant=False)
-        else:
-            q, g = _gates(self.q_proj(x), self.f_proj(x), lb)
-        q, g = q.view(B, T, H, K), g.view(B, T, H, K)
         scale = K**-0.5
-        if T == 1:
-            o, state = hgrn2_recurrent_step(q[:, 0], g[:, 0], v[:, 0], state, scale)
-            o = o[:, None]  # [B, 1, H, V]
+        if T > 1:
+            # The gates (`hgrn2mini.ops.gates`) computed inside the op: its backward keeps the two
+            # projections' outputs and recomputes q and g (fp32) instead of keeping them.
+            o, state = gated_chunk_hgrn2(self.q_proj(x), self.f_proj(x), lb, v, state, scale)  # [B, T, H, V]
         else:
-            o, state = chunk_hgrn2(q, g, v, initial_state=state, scale=scale)  # [B, T, H, V]
+            q, g = gates(self.q_proj(x), self.f_proj(x), lb)
+            o, state = hgrn2_recurrent_step(q.view(B, H, K), g.view(B, H, K), v[:, 0], state, scale)
+            o = o[:, None]  # [B, 1, H, V]
         o = self.g_norm(o.reshape(B, T, D))
         return self.o_proj(o), state
 

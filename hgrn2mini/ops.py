@@ -1,14 +1,25 @@
-"""The HGRN2 recurrence as `torch.library` ops: `hgrn2mini::chunk_hgrn2` and its backward.
+"""The HGRN2 recurrence as `torch.library` ops: `hgrn2mini::chunk_hgrn2` (q, g, v) and
+`hgrn2mini::gated_chunk_hgrn2` (the gates computed from their logits inside), each with its
+backward op.
 
-Both are `triton_op`s, so Inductor sees the Triton kernels inside them and `torch.export` keeps
+All are `triton_op`s, so Inductor sees the Triton kernels inside them and `torch.export` keeps
 each as one node. Under `torch.compile` the body of a triton_op is traced on every device, so the
 body itself picks the implementation: the Triton kernels for supported CUDA shapes, the chunked
 PyTorch path (`hgrn2mini.kernels.chunk.*_ref`) otherwise.
+
+Why the gated op: autograd through the gates keeps q (bf16) and g (fp32) for the recurrence's
+backward, 3x a projection's bytes per layer. Recomputing them (torch.utils.checkpoint) made
+Inductor recompute the gates in four kernels of the backward (~8 ms of the 374M training step's
+~107 on an H100, 2026-11-24), and an autograd.Function with its own backward was not honoured by
+torch 2.11's compiler, which kept q and g anyway. As one op, what its backward keeps is exactly
+what `_gated_setup_context` saves: the two logits (bf16), v, lb, the initial state, the op's
+chunk states; the backward op recomputes the gates once and applies `gates_backward`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.library import triton_op
 
 from hgrn2mini.kernels import chunk as _chunk
@@ -54,14 +65,39 @@ def check_state(name: str, state, layout: str, want: tuple, device: torch.device
         raise ValueError(f"{name} must be on {device_of}{device}, got {state.device}")
 
 
-@triton_op("hgrn2mini::chunk_hgrn2", mutates_args=())
-def _chunk_hgrn2(
-    q: torch.Tensor, g: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, final state, kept states). The third output is what the backward may reuse: the Triton
-    path's chunk-start states when `kernels.chunk.CONFIG["keep_states"]`, as their raw bits in an
-    integer dtype (so autograd gives it no gradient), else an empty tensor."""
-    _check(q, g, v, initial_state)
+def gates(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None):
+    """HGRN2's output gate q = silu(q_logits) and log forget gate g = log f (fp32), with
+    f = lb + (1 - lb) * sigmoid(f_logits), kept in log space so that gates near 1 (deep layers,
+    lb -> 1) keep their resolution."""
+    g = F.logsigmoid(f_logits.float())
+    if lower_bound is not None:
+        g = torch.logaddexp(lower_bound.log(), torch.log1p(-lower_bound) + g)
+    return F.silu(q_logits), g
+
+
+def gates_backward(q_logits, f_logits, lower_bound, g, dq, dg):
+    """Gradients of `gates` (q_logits, f_logits, lower_bound or None) from those of q and g,
+    given g. With s = sigmoid(f_logits) and f = lb + (1 - lb) s = exp(g):
+
+        dg/df_logits = (1 - lb) s (1 - s) / f = sigmoid(-f_logits) exp(log1p(-lb) + logsigmoid(f_logits) - g)
+        dg/dlb       = (1 - s) / f           = sigmoid(-f_logits) exp(-g)
+
+    written with every exponent <= 0 but the last, which is the gradient's own size; sigmoid(-x)
+    for 1 - s keeps gates near 1 exact. lower_bound's gradient sums over every dim but the last."""
+    x = q_logits.float()
+    s = torch.sigmoid(x)
+    dq_logits = (dq.float() * s * (1 + x * (1 - s))).to(q_logits.dtype)  # silu'
+    f = f_logits.float()
+    rest = torch.sigmoid(-f)
+    if lower_bound is None:
+        return dq_logits, (dg * rest).to(f_logits.dtype), None
+    df_logits = dg * rest * torch.exp(torch.log1p(-lower_bound) + F.logsigmoid(f) - g)
+    dlb = (dg * rest * torch.exp(-g)).flatten(0, -2).sum(0)
+    return dq_logits, df_logits.to(f_logits.dtype), dlb
+
+
+def _forward(q, g, v, initial_state, scale):
+    """Body of both forward ops: (o, final state, kept states); see `_chunk_hgrn2`."""
     kept = q.new_empty(0, dtype=_BITS[q.dtype])
     if _chunk.triton_supported(q, v):
         o, hT, states = _chunk.chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale)
@@ -70,6 +106,24 @@ def _chunk_hgrn2(
     else:
         o, hT = _chunk.chunk_hgrn2_fwd_ref(q, g, v, initial_state, scale)
     return o, hT, kept
+
+
+@triton_op("hgrn2mini::chunk_hgrn2", mutates_args=())
+def _chunk_hgrn2(
+    q: torch.Tensor, g: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, final state, kept states). The third output is what the backward may reuse: the Triton
+    path's chunk-start states when `kernels.chunk.CONFIG["keep_states"]`, as their raw bits in an
+    integer dtype (so autograd gives it no gradient), else an empty tensor."""
+    _check(q, g, v, initial_state)
+    return _forward(q, g, v, initial_state, scale)
+
+
+def _backward_body(q, g, v, initial_state, do, dht, scale, states):
+    if _chunk.triton_supported(q, v):
+        kept = states.view(q.dtype) if states is not None and states.numel() > 0 else None
+        return _chunk.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, kept)
+    return _chunk.chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale)
 
 
 @triton_op("hgrn2mini::chunk_hgrn2_bwd", mutates_args=())
@@ -83,10 +137,7 @@ def _chunk_hgrn2_bwd(
     scale: float,
     states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _chunk.triton_supported(q, v):
-        kept = states.view(q.dtype) if states is not None and states.numel() > 0 else None
-        return _chunk.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, kept)
-    return _chunk.chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale)
+    return _backward_body(q, g, v, initial_state, do, dht, scale, states)
 
 
 def _setup_context(ctx, inputs, output):
@@ -107,6 +158,105 @@ def _backward(ctx, do, dht, _):
 
 
 _chunk_hgrn2.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _heads(logits: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    return tuple(v.shape[:3]) + (logits.shape[-1] // v.shape[2],)
+
+
+@triton_op("hgrn2mini::gated_chunk_hgrn2", mutates_args=())
+def _gated_chunk_hgrn2(
+    q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None, v: torch.Tensor,
+    initial_state: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gates`, then the recurrence: (o, final state, kept states) as `_chunk_hgrn2`."""
+    _check_logits(q_logits, f_logits, lower_bound, v)
+    q, g = gates(q_logits, f_logits, lower_bound)
+    q, g = q.view(_heads(q_logits, v)), g.view(_heads(q_logits, v))
+    _check(q, g, v, initial_state)
+    return _forward(q, g, v, initial_state, scale)
+
+
+@triton_op("hgrn2mini::gated_chunk_hgrn2_bwd", mutates_args=())
+def _gated_chunk_hgrn2_bwd(
+    q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None, v: torch.Tensor,
+    initial_state: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None, scale: float,
+    states: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d q_logits, d f_logits, d lower_bound (empty without one), dv, d initial state): the gates
+    recomputed once, the recurrence's backward, then `gates_backward`."""
+    heads, shape = _heads(q_logits, v), q_logits.shape
+    # From [B*T, H*K] views of the logits, not the [B, T, H*K] tensors the forward read: under
+    # torch.compile both ops' bodies land in one graph, where identical expressions of the forward
+    # and the backward are merged, and the forward's q, g and intermediates would then be kept
+    # rather than computed again (seen on the saved-tensor list, benchmarks/saved_activations.py).
+    q_logits, f_logits = q_logits.flatten(0, 1), f_logits.flatten(0, 1)
+    q, g = gates(q_logits, f_logits, lower_bound)
+    dq, dg, dv, dh0 = _backward_body(q.view(heads), g.view(heads), v, initial_state, do, dht, scale, states)
+    dq_logits, df_logits, dlb = gates_backward(q_logits, f_logits, lower_bound, g, dq.reshape(q.shape),
+                                               dg.reshape(g.shape))
+    if dlb is None:
+        dlb = g.new_empty(0)
+    return dq_logits.view(shape), df_logits.view(shape), dlb, dv, dh0
+
+
+def _gated_setup_context(ctx, inputs, output):
+    q_logits, f_logits, lower_bound, v, initial_state, scale = inputs
+    ctx.save_for_backward(q_logits, f_logits, lower_bound, v, initial_state, output[2])
+    ctx.scale = scale
+    ctx.set_materialize_grads(False)
+
+
+def _gated_backward(ctx, do, dht, _):
+    q_logits, f_logits, lower_bound, v, initial_state, states = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    dq_logits, df_logits, dlb, dv, dh0 = torch.ops.hgrn2mini.gated_chunk_hgrn2_bwd(
+        q_logits, f_logits, lower_bound, v, initial_state, do, dht, ctx.scale, states
+    )
+    return (dq_logits, df_logits, dlb if lower_bound is not None else None, dv,
+            dh0 if initial_state is not None else None, None)
+
+
+_gated_chunk_hgrn2.register_autograd(_gated_backward, setup_context=_gated_setup_context)
+
+
+def _check_logits(q_logits, f_logits, lower_bound, v) -> None:
+    if v.dim() != 4:
+        raise ValueError(f"v must be [B, T, H, V] (4 dims), got shape {list(v.shape)}")
+    B, T, H, _ = v.shape
+    for name, x in (("q_logits", q_logits), ("f_logits", f_logits)):
+        if x.dim() != 3 or list(x.shape[:2]) != [B, T] or x.shape[2] % H:
+            raise ValueError(f"{name} must be [B, T, H*K] with B, T, H = {[B, T, H]} as v, got {list(x.shape)}")
+    if f_logits.shape != q_logits.shape:
+        raise ValueError(f"f_logits must have q_logits' shape {list(q_logits.shape)}, got {list(f_logits.shape)}")
+    if lower_bound is not None and (lower_bound.shape != q_logits.shape[-1:] or lower_bound.dtype != torch.float32):
+        raise ValueError(f"lower_bound must be float32 [{q_logits.shape[-1]}], got {lower_bound.dtype} "
+                         f"{list(lower_bound.shape)}")
+
+
+def gated_chunk_hgrn2(
+    q_logits: torch.Tensor,
+    f_logits: torch.Tensor,
+    lower_bound: torch.Tensor | None,
+    v: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunk_hgrn2` with HGRN2's gates computed inside from their logits: q = silu(q_logits),
+    g = log(lb + (1 - lb) sigmoid(f_logits)) (see `gates`). Same result as `gates` followed by
+    `chunk_hgrn2`; for training it keeps only the logits for the backward, never q or g.
+
+    Args:
+        q_logits, f_logits: [B, T, H*K] in v's dtype; lower_bound: [H*K] float32 or None (lb = 0).
+        v, initial_state, scale: as `chunk_hgrn2`.
+    Returns:
+        o [B, T, H, V] and the final state [B, H, K, V] float32.
+    """
+    if scale is None:
+        scale = (q_logits.shape[-1] // v.shape[2]) ** -0.5
+    o, hT, _ = torch.ops.hgrn2mini.gated_chunk_hgrn2(q_logits, f_logits, lower_bound, v, initial_state, float(scale))
+    return o, hT
 
 
 def chunk_hgrn2(

@@ -92,6 +92,15 @@ def opcheck_both(device, dtype, with_state):
     dht = torch.randn(q.shape[0], q.shape[2], q.shape[3], v.shape[3], device=device)
     args = tuple(x.detach() if x is not None else None for x in (q, g, v, h0)) + (do, dht, 0.25)
     torch.library.opcheck(torch.ops.hgrn2mini.chunk_hgrn2_bwd.default, args)
+    # The gated op: logits [B, T, H*K] and a lower bound instead of q and g.
+    B, T, H, K = q.shape
+    torch.manual_seed(1)
+    q_logits = torch.randn(B, T, H * K, device=device, dtype=dtype, requires_grad=True)
+    f_logits = torch.randn(B, T, H * K, device=device, dtype=dtype, requires_grad=True)
+    lb = torch.rand(H * K, device=device).requires_grad_()
+    torch.library.opcheck(torch.ops.hgrn2mini.gated_chunk_hgrn2.default, (q_logits, f_logits, lb, v, h0, 0.25))
+    args = tuple(x.detach() if x is not None else None for x in (q_logits, f_logits, lb, v, h0)) + (do, dht, 0.25)
+    torch.library.opcheck(torch.ops.hgrn2mini.gated_chunk_hgrn2_bwd.default, args)
 
 
 def test_opcheck_cpu():
