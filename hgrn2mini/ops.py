@@ -13,16 +13,17 @@ Inductor recompute the gates in four kernels of the backward (~8 ms of the 374M 
 ~107 on an H100, 2026-11-24), and an autograd.Function with its own backward was not honoured by
 torch 2.11's compiler, which kept q and g anyway. As one op, what its backward keeps is exactly
 what `_gated_setup_context` saves: the two logits (bf16), v, lb, the initial state, the op's
-chunk states; the backward op recomputes the gates once and applies `gates_backward`.
+chunk states; the backward op recomputes the gates and applies their derivative, one Triton
+kernel each on CUDA (`hgrn2mini.kernels.gates`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.library import triton_op
 
 from hgrn2mini.kernels import chunk as _chunk
+from hgrn2mini.kernels import gates as _gates
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -67,33 +68,15 @@ def check_state(name: str, state, layout: str, want: tuple, device: torch.device
 
 def gates(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None):
     """HGRN2's output gate q = silu(q_logits) and log forget gate g = log f (fp32), with
-    f = lb + (1 - lb) * sigmoid(f_logits), kept in log space so that gates near 1 (deep layers,
-    lb -> 1) keep their resolution."""
-    g = F.logsigmoid(f_logits.float())
-    if lower_bound is not None:
-        g = torch.logaddexp(lower_bound.log(), torch.log1p(-lower_bound) + g)
-    return F.silu(q_logits), g
+    f = lb + (1 - lb) * sigmoid(f_logits), in log space (`hgrn2mini.kernels.gates`): one Triton
+    kernel for CUDA tensors, PyTorch otherwise."""
+    if _gate_kernels(q_logits):
+        return _gates.gates_fwd(q_logits.contiguous(), f_logits.contiguous(), lower_bound, _chunk._launch)
+    return _gates.gates_ref(q_logits, f_logits, lower_bound)
 
 
-def gates_backward(q_logits, f_logits, lower_bound, g, dq, dg):
-    """Gradients of `gates` (q_logits, f_logits, lower_bound or None) from those of q and g,
-    given g. With s = sigmoid(f_logits) and f = lb + (1 - lb) s = exp(g):
-
-        dg/df_logits = (1 - lb) s (1 - s) / f = sigmoid(-f_logits) exp(log1p(-lb) + logsigmoid(f_logits) - g)
-        dg/dlb       = (1 - s) / f           = sigmoid(-f_logits) exp(-g)
-
-    written with every exponent <= 0 but the last, which is the gradient's own size; sigmoid(-x)
-    for 1 - s keeps gates near 1 exact. lower_bound's gradient sums over every dim but the last."""
-    x = q_logits.float()
-    s = torch.sigmoid(x)
-    dq_logits = (dq.float() * s * (1 + x * (1 - s))).to(q_logits.dtype)  # silu'
-    f = f_logits.float()
-    rest = torch.sigmoid(-f)
-    if lower_bound is None:
-        return dq_logits, (dg * rest).to(f_logits.dtype), None
-    df_logits = dg * rest * torch.exp(torch.log1p(-lower_bound) + F.logsigmoid(f) - g)
-    dlb = (dg * rest * torch.exp(-g)).flatten(0, -2).sum(0)
-    return dq_logits, df_logits.to(f_logits.dtype), dlb
+def _gate_kernels(x: torch.Tensor) -> bool:
+    return _gates.triton is not None and x.is_cuda
 
 
 def _forward(q, g, v, initial_state, scale):
@@ -184,7 +167,7 @@ def _gated_chunk_hgrn2_bwd(
     states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d q_logits, d f_logits, d lower_bound (empty without one), dv, d initial state): the gates
-    recomputed once, the recurrence's backward, then `gates_backward`."""
+    recomputed, the recurrence's backward, then the gates' derivative."""
     heads, shape = _heads(q_logits, v), q_logits.shape
     # From [B*T, H*K] views of the logits, not the [B, T, H*K] tensors the forward read: under
     # torch.compile both ops' bodies land in one graph, where identical expressions of the forward
@@ -193,8 +176,12 @@ def _gated_chunk_hgrn2_bwd(
     q_logits, f_logits = q_logits.flatten(0, 1), f_logits.flatten(0, 1)
     q, g = gates(q_logits, f_logits, lower_bound)
     dq, dg, dv, dh0 = _backward_body(q.view(heads), g.view(heads), v, initial_state, do, dht, scale, states)
-    dq_logits, df_logits, dlb = gates_backward(q_logits, f_logits, lower_bound, g, dq.reshape(q.shape),
-                                               dg.reshape(g.shape))
+    dq, dg = dq.reshape(q.shape), dg.reshape(g.shape)
+    if _gate_kernels(q_logits):  # g recomputed in the kernel, not read
+        dq_logits, df_logits, dlb = _gates.gates_bwd(q_logits.contiguous(), f_logits.contiguous(), lower_bound,
+                                                     dq.contiguous(), dg.contiguous(), _chunk._launch)
+    else:
+        dq_logits, df_logits, dlb = _gates.gates_bwd_ref(q_logits, f_logits, lower_bound, g, dq, dg)
     if dlb is None:
         dlb = g.new_empty(0)
     return dq_logits.view(shape), df_logits.view(shape), dlb, dv, dh0

@@ -570,12 +570,12 @@ def test_math_of_lower_bound_at_init():
 )
 @settings(max_examples=40, deadline=None)
 def test_gates_backward_equals_float64_derivative(f_center, lb_lo, bounded, seed):
-    """The gates' written-out backward (`gates_backward`, fp32 as in training) against the derivative of
+    """The gates' written-out backward (`gates_bwd_ref`, fp32 as in training) against the derivative of
     their definition, f = lb + (1 - lb) sigmoid(x), g = log f, q = silu(y), taken by hand in
     float64 at the same inputs, with forget logits out to +-40 (gates within e^-40 of 0 or 1) and
     lower bounds from 1e-7 to 0.999. (Autograd through logaddexp is no reference there: in float64
     too its lower-bound gradient cancels to ~1e-16 absolute where the true one is ~1e-18.)"""
-    from hgrn2mini.ops import gates, gates_backward
+    from hgrn2mini.kernels.gates import gates_bwd_ref, gates_ref
 
     gen = torch.Generator().manual_seed(seed)
     B, T, D = 2, 5, 8
@@ -584,8 +584,8 @@ def test_gates_backward_equals_float64_derivative(f_center, lb_lo, bounded, seed
     lb = lb_lo + (1 - lb_lo) * torch.rand(D, generator=gen) * 0.5 if bounded else None
     dq, dg = torch.randn(B, T, D, generator=gen), torch.randn(B, T, D, generator=gen)
 
-    _, g = gates(y, x, lb)
-    got = [t for t in gates_backward(y, x, lb, g, dq, dg) if t is not None]
+    _, g = gates_ref(y, x, lb)
+    got = [t for t in gates_bwd_ref(y, x, lb, g, dq, dg) if t is not None]
 
     y, x, dq, dg = y.double(), x.double(), dq.double(), dg.double()
     s_y = torch.sigmoid(y)
