@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--compile", choices=["auto", "model", "regions", "off"], default="auto",
-                   help="torch.compile the whole model (most tokens/s), or each block on its own "
-                        "(regions: at 374M on an H100 the first step came 5x sooner for 2-8%% fewer "
-                        "tokens/s), or not at all; auto: model on CUDA, off on CPU")
+                   help="torch.compile each block on its own (regions: at 374M on an H100 the "
+                        "first step in 26-44 s against 154-172 s for the whole model, for a few %% "
+                        "fewer tokens/s), the whole model, or not at all; auto: regions on CUDA, off "
+                        "on CPU")
     g.add_argument("--no-compile", action="store_true", help="same as --compile off")
     g.add_argument("--prompt", default=None, help="prompt of the final sample")
     g.add_argument("--sample-tokens", type=int, default=120, help="length of the final sample (0: none)")
@@ -429,7 +430,7 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
     train_model = model
     compile_mode = "off" if args.no_compile else args.compile
     if compile_mode == "auto":
-        compile_mode = "model" if rt.device.type == "cuda" else "off"
+        compile_mode = "regions" if rt.device.type == "cuda" else "off"
     if compile_mode == "model":
         train_model = torch.compile(model)  # the first step pays the compilation
     elif compile_mode == "regions":

@@ -13,8 +13,8 @@ Inductor recompute the gates in four kernels of the backward (~8 ms of the 374M 
 ~107 on an H100, 2026-11-24), and an autograd.Function with its own backward was not honoured by
 torch 2.11's compiler, which kept q and g anyway. As one op, what its backward keeps is exactly
 what `_gated_setup_context` saves: the two logits (bf16), v, lb, the initial state, the op's
-chunk states; the backward op recomputes the gates and applies their derivative, one Triton
-kernel each on CUDA (`hgrn2mini.kernels.gates`).
+chunk states; the backward op recomputes the gates and applies their derivative
+(`hgrn2mini.kernels.gates`), which Inductor fuses.
 """
 
 from __future__ import annotations
@@ -68,15 +68,9 @@ def check_state(name: str, state, layout: str, want: tuple, device: torch.device
 
 def gates(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None):
     """HGRN2's output gate q = silu(q_logits) and log forget gate g = log f (fp32), with
-    f = lb + (1 - lb) * sigmoid(f_logits), in log space (`hgrn2mini.kernels.gates`): one Triton
-    kernel for CUDA tensors, PyTorch otherwise."""
-    if _gate_kernels(q_logits):
-        return _gates.gates_fwd(q_logits.contiguous(), f_logits.contiguous(), lower_bound, _chunk._launch)
+    f = lb + (1 - lb) * sigmoid(f_logits), exact to a few ulps of g (`hgrn2mini.kernels.gates`).
+    Plain PyTorch on every device: Inductor fuses it into the ops around it."""
     return _gates.gates_ref(q_logits, f_logits, lower_bound)
-
-
-def _gate_kernels(x: torch.Tensor) -> bool:
-    return _gates.triton is not None and x.is_cuda
 
 
 def _forward(q, g, v, initial_state, scale):
@@ -177,11 +171,7 @@ def _gated_chunk_hgrn2_bwd(
     q, g = gates(q_logits, f_logits, lower_bound)
     dq, dg, dv, dh0 = _backward_body(q.view(heads), g.view(heads), v, initial_state, do, dht, scale, states)
     dq, dg = dq.reshape(q.shape), dg.reshape(g.shape)
-    if _gate_kernels(q_logits):  # g recomputed in the kernel, not read
-        dq_logits, df_logits, dlb = _gates.gates_bwd(q_logits.contiguous(), f_logits.contiguous(), lower_bound,
-                                                     dq.contiguous(), dg.contiguous(), _chunk._launch)
-    else:
-        dq_logits, df_logits, dlb = _gates.gates_bwd_ref(q_logits, f_logits, lower_bound, g, dq, dg)
+    dq_logits, df_logits, dlb = _gates.gates_bwd_ref(q_logits, f_logits, lower_bound, g, dq, dg)
     if dlb is None:
         dlb = g.new_empty(0)
     return dq_logits.view(shape), df_logits.view(shape), dlb, dv, dh0
