@@ -23,7 +23,12 @@ gates near 1 exact.
 
 A Triton version of both (one elementwise kernel each way) matched float64 eagerly on the H100
 but gave wrong results under torch.compile with torch 2.11 (loss off by 1e-3, gradients wrong;
-2026-11-24, not yet understood): it is in the history (commit 8f423a8), not used.
+2026-11-24): it is in the history (commit 8f423a8), not used. A lead, checked offline with torch
+2.13 only: torch's analysis of which arguments a user kernel writes (Triton IR) reported every
+pointer passed to its helper `_gate_terms`, which loaded the tiles and returned them with their
+offsets, as written, inputs included; with the loads in the kernel body it reports exactly the
+outputs (as it does for the chunk kernels). Whether 2.11 got that call wrong the other way is
+not checked.
 """
 
 from __future__ import annotations
