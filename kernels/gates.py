@@ -24,11 +24,12 @@ gates near 1 exact.
 A Triton version of both (one elementwise kernel each way) matched float64 eagerly on the H100
 but gave wrong results under torch.compile with torch 2.11 (loss off by 1e-3, gradients wrong;
 2026-11-24): it is in the history (commit 8f423a8), not used. A lead, checked offline with torch
-2.13 only: torch's analysis of which arguments a user kernel writes (Triton IR) reported every
-pointer passed to its helper `_gate_terms`, which loaded the tiles and returned them with their
-offsets, as written, inputs included; with the loads in the kernel body it reports exactly the
-outputs (as it does for the chunk kernels). Whether 2.11 got that call wrong the other way is
-not checked.
+2.13 and 2.9.1: torch's analysis of which arguments a user kernel writes (Triton IR) reported
+every pointer passed to its helper `_gate_terms`, which loaded the tiles and returned them with
+their offsets, as written, inputs included; with the loads in the kernel body it reports exactly
+the outputs (as it does for the chunk kernels). So the compiled graph treated the logits (kept for
+the backward) and the lower bound (a view of a graph input) as written by the kernel, a path the
+chunk kernels never take; that is the first suspect.
 """
 
 from __future__ import annotations
