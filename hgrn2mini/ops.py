@@ -12,7 +12,7 @@ backward, 3x a projection's bytes per layer. Recomputing them (torch.utils.check
 Inductor recompute the gates in four kernels of the backward (~8 ms of the 374M training step's
 ~107 on an H100, 2026-11-24), and an autograd.Function with its own backward was not honoured by
 torch 2.11's compiler, which kept q and g anyway. As one op, what its backward keeps is exactly
-what `_gated_setup_context` saves: the two logits (bf16), v, lb, the initial state, the op's
+what `_setup_context` saves: the two logits (bf16), v, lb, the initial state, the op's
 chunk states; the backward op recomputes the gates and applies their derivative
 (`hgrn2mini.kernels.gates`), which Inductor fuses.
 """
@@ -23,7 +23,7 @@ import torch
 from torch.library import triton_op
 
 from hgrn2mini.kernels import chunk as _chunk
-from hgrn2mini.kernels import gates as _gates
+from hgrn2mini.kernels.gates import gates, gates_bwd  # gates: also the model's decode step
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -64,13 +64,6 @@ def check_state(name: str, state, layout: str, want: tuple, device: torch.device
         raise TypeError(f"{name} must be float32, got {state.dtype}")
     if state.device != device:
         raise ValueError(f"{name} must be on {device_of}{device}, got {state.device}")
-
-
-def gates(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None):
-    """HGRN2's output gate q = silu(q_logits) and log forget gate g = log f (fp32), with
-    f = lb + (1 - lb) * sigmoid(f_logits), exact to a few ulps of g (`hgrn2mini.kernels.gates`).
-    Plain PyTorch on every device: Inductor fuses it into the ops around it."""
-    return _gates.gates_ref(q_logits, f_logits, lower_bound)
 
 
 def _forward(q, g, v, initial_state, scale):
@@ -118,8 +111,9 @@ def _chunk_hgrn2_bwd(
 
 
 def _setup_context(ctx, inputs, output):
-    q, g, v, initial_state, scale = inputs
-    ctx.save_for_backward(q, g, v, initial_state, output[2])
+    """Both forward ops: every tensor input (scale comes last) and the kept states."""
+    *tensors, scale = inputs
+    ctx.save_for_backward(*tensors, output[2])
     ctx.scale = scale
     # Unused outputs get None, not zeros: no [B, H, K, V] or states-sized zeros to make and read.
     ctx.set_materialize_grads(False)
@@ -148,8 +142,9 @@ def _gated_chunk_hgrn2(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`gates`, then the recurrence: (o, final state, kept states) as `_chunk_hgrn2`."""
     _check_logits(q_logits, f_logits, lower_bound, v)
+    heads = _heads(q_logits, v)
     q, g = gates(q_logits, f_logits, lower_bound)
-    q, g = q.view(_heads(q_logits, v)), g.view(_heads(q_logits, v))
+    q, g = q.view(heads), g.view(heads)
     _check(q, g, v, initial_state)
     return _forward(q, g, v, initial_state, scale)
 
@@ -171,17 +166,10 @@ def _gated_chunk_hgrn2_bwd(
     q, g = gates(q_logits, f_logits, lower_bound)
     dq, dg, dv, dh0 = _backward_body(q.view(heads), g.view(heads), v, initial_state, do, dht, scale, states)
     dq, dg = dq.reshape(q.shape), dg.reshape(g.shape)
-    dq_logits, df_logits, dlb = _gates.gates_bwd_ref(q_logits, f_logits, lower_bound, g, dq, dg)
+    dq_logits, df_logits, dlb = gates_bwd(q_logits, f_logits, lower_bound, g, dq, dg)
     if dlb is None:
         dlb = g.new_empty(0)
     return dq_logits.view(shape), df_logits.view(shape), dlb, dv, dh0
-
-
-def _gated_setup_context(ctx, inputs, output):
-    q_logits, f_logits, lower_bound, v, initial_state, scale = inputs
-    ctx.save_for_backward(q_logits, f_logits, lower_bound, v, initial_state, output[2])
-    ctx.scale = scale
-    ctx.set_materialize_grads(False)
 
 
 def _gated_backward(ctx, do, dht, _):
@@ -195,7 +183,7 @@ def _gated_backward(ctx, do, dht, _):
             dh0 if initial_state is not None else None, None)
 
 
-_gated_chunk_hgrn2.register_autograd(_gated_backward, setup_context=_gated_setup_context)
+_gated_chunk_hgrn2.register_autograd(_gated_backward, setup_context=_setup_context)
 
 
 def _check_logits(q_logits, f_logits, lower_bound, v) -> None:

@@ -683,27 +683,19 @@ def _launch(kernel):
     return kernel if _INTERPRETING else wrap_triton(kernel)
 
 
-def _launch_chunks(kernel, grid, *args, join=None, **meta):
+def _launch_chunks(kernel, grid, *args, JOIN=None, **meta):
     """Launches the out or dq/dg kernel over its grid: where K and V are at least
     CONFIG["two_pass_min_dim"], as its whole-chunk variant and then its GENERAL, FLAGGED variant,
     which redoes the programs the first flagged (chunks decaying by more than e^120) and returns
-    elsewhere; else once, GENERAL for every program. join (out kernel only): None for a kernel
-    without JOIN, else `_run_states`' join of a segmented walk or False; the first launch joins
-    the states, so the second must not."""
+    elsewhere; else once, GENERAL for every program. JOIN (the out kernel's; None for dq/dg)
+    goes to the first launch only: the states it joins are global for the second."""
     flags = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
-    extra = {}
-    if join is not None:
-        decay, h_in, nseg = join if join else (flags, flags, 1)
-        # Slices of 32 rows (the states' rows are K): 16-row slices in a loop, not unrolled, made the
-        # out kernel ~0.05 ms slower than the fixup kernel it replaces (H100, 2026-11-24).
-        extra = dict(decay=decay, h_in=h_in, NSEG=nseg, JOIN=bool(join), JR=min(32, meta["K"]))
+    join = {} if JOIN is None else {"JOIN": JOIN}
     if min(meta["K"], meta["V"]) >= CONFIG["two_pass_min_dim"]:
-        for general in (False, True):
-            if general and join is not None:
-                extra["JOIN"] = False
-            _launch(kernel)[grid](*args, flags=flags, GENERAL=general, FLAGGED=general, **extra, **meta)
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=False, FLAGGED=False, **join, **meta)
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=True, **{k: False for k in join}, **meta)
     else:
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=False, **extra, **meta)
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=False, **join, **meta)
 
 
 def _dot_config(dtype: torch.dtype):
@@ -803,8 +795,12 @@ def _run_out(q, g, v, states, scale, dv, join):
     DT, PREC, _ = _dot_config(q.dtype)
     out = torch.empty_like(v)
     BK, BVO = min(K, _cfg(q, v, "out_bk")), min(V, CONFIG["out_bv"])
+    decay, h_in, nseg = join if join else (q, q, 1)  # without a join never read: any input (not an output)
     _launch_chunks(
-        _out_kernel, (V // BVO, triton.cdiv(T, _BT), B * H), q, g, v, states, out, T, H, scale, join=join,
+        _out_kernel, (V // BVO, triton.cdiv(T, _BT), B * H), q, g, v, states, out, T, H, scale,
+        # Slices of 32 rows: 16-row slices in a loop, not unrolled, made the out kernel ~0.05 ms
+        # slower than the fixup kernel the join replaces (H100, 2026-11-24).
+        decay=decay, h_in=h_in, NSEG=nseg, JOIN=bool(join), JR=min(32, K),
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, DV=dv,
         num_warps=_cfg(q, v, "out_warps"), num_stages=CONFIG["out_stages"],
     )

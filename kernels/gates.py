@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 
-def gates_ref(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None):
+def gates(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None):
     """q = silu(q_logits) in q_logits' dtype and g = log f (fp32), as in the module docstring."""
     f = f_logits.float()
     g = F.logsigmoid(f)
@@ -50,7 +50,7 @@ def gates_ref(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch
     return F.silu(q_logits), g
 
 
-def gates_bwd_ref(q_logits, f_logits, lower_bound, g, dq, dg):
+def gates_bwd(q_logits, f_logits, lower_bound, g, dq, dg):
     """(d q_logits, d f_logits, d lower_bound or None) from dq and dg, given g; lower_bound's
     gradient sums over every dim but the last."""
     x = q_logits.float()
