@@ -45,6 +45,8 @@ if [[ $what == check || $what == tests || $what == all ]]; then
     timeout 400 $P -m pytest -v -p no:warnings --tb=short -rA -p no:cacheprovider "$@" > "$OUT/t_$name.log" 2>&1 & }
   run fp32 -m gpu tests/test_ops.py -k naive_loop_cuda_fp32
   run bf16 -m gpu tests/test_ops.py -k naive_loop_cuda_bf16
+  run gated32 -m gpu tests/test_ops.py -k "gated and fp32"
+  run gated16 -m gpu tests/test_ops.py -k "gated and bf16"
   run ops_misc -m gpu tests/test_ops.py -k "opcheck or compile"
   run long1 -m gpu tests/test_ops.py -k "long_sequence and 128-128"
   run long2 -m gpu tests/test_ops.py -k "long_sequence and 64-256"

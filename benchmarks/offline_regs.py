@@ -3,8 +3,15 @@ machine without a GPU (Triton ships ptxas and cuobjdump). A proxy for register p
 device sessions: the device's Triton may allocate differently (on 2026-11-24, Triton 3.9 here
 reported stack frames where the H100's Triton 3.6 reported no spills for the same state kernel).
 
-    python benchmarks/offline_regs.py [state] [out] [dqg]     (K = V = 128, bf16)
+    python benchmarks/offline_regs.py [state] [out] [dqg] [--gated]  (K = V = 128, bf16)
     python benchmarks/offline_regs.py --check K V              (exit status: every variant compiles)
+    python benchmarks/offline_regs.py --writes                 (exit status: no input reported written)
+
+--gated: the dq/dg kernel carrying the gradients through the gates (GATES, with a lower bound).
+--writes: runs the gated op's kernels (the gates' kernel, forward, backward) through torch's
+analysis of which arguments a user kernel writes, which Inductor trusts under torch.compile (a
+kernel reported as writing an input gets wrong results compiled, right ones eagerly:
+kernels/gates.py), and prints each kernel's reported writes.
 
 --check compiles every variant the op launches of the kernels that take `scale`, with `scale`
 typed as Inductor passes it (an fp64 scalar, or a constexpr where it specializes): a kernel that
@@ -33,7 +40,12 @@ DT, PREC = tl.bfloat16, "tf32"
 # Inductor).
 ARGS = dict(q="*bf16", g="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
             dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", NSEG="i32", decay="*fp32",
-            seg_decay="*fp32", seg_end="*fp32", h_in="*fp32", flags="*i8")
+            seg_decay="*fp32", seg_end="*fp32", h_in="*fp32", flags="*i8", lb="*fp32", dlb_part="*fp32",
+            q_logits="*bf16", f_logits="*bf16")
+# GATES (dq/dg kernel): dq and dg are the gradients of the logits (bf16).
+GATED_ARGS = {**ARGS, "dg": "*bf16"}
+GATED = dict(GATES=True, HAS_LB=True)
+PLAIN = dict(GATES=False, HAS_LB=False)
 
 
 def usage(fn, types: dict, consts: dict, warps: int, stages: int = 1) -> str:
@@ -62,27 +74,31 @@ def check(K: int, V: int) -> int:
                  for dv in (False, True) for m in modes for join in (False, True) if not (join and m["FLAGGED"])]
     variants += [(C._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0, **m))
                  for m in modes]
+    # Each variant both ways of typing scale; the dq/dg kernel with GATES too (scale as fp64: how
+    # a variant types scale does not depend on GATES).
+    variants = [(fn, {**consts, **PLAIN}, scale) for fn, consts in variants for scale in ("fp64", "constexpr")] + [
+        (fn, {**consts, **GATED}, "fp64") for fn, consts in variants if fn is C._dqg_kernel]
     failed = 0
-    for fn, consts in variants:
-        for scale in ("fp64", "constexpr"):
-            c = {**common, **consts}
-            c = {k: c[k] for k in fn.arg_names if k in c}
-            if scale == "constexpr":
-                c["scale"] = 0.25
-            try:
-                usage(fn, {**ARGS, "scale": "fp64"}, c, 4)
-                ok = "ok"
-            except Exception as e:  # noqa: BLE001 - reported, counted
-                failed += 1
-                ok = "FAILED " + str(e).splitlines()[-1][:300]
-            flags = ("REVERSE", "SEGMENTED", "DV", "GENERAL", "FLAGGED", "JOIN")
-            print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
+    for fn, consts, scale in variants:
+        c = {**common, **consts}
+        c = {k: c[k] for k in fn.arg_names if k in c}
+        if scale == "constexpr":
+            c["scale"] = 0.25
+        try:
+            usage(fn, {**(GATED_ARGS if consts["GATES"] else ARGS), "scale": "fp64"}, c, 4)
+            ok = "ok"
+        except Exception as e:  # noqa: BLE001 - reported, counted
+            failed += 1
+            ok = "FAILED " + str(e).splitlines()[-1][:300]
+        flags = ("REVERSE", "SEGMENTED", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES")
+        print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
     return failed
 
 
 def main():
-    what = set(sys.argv[1:]) or {"state", "out", "dqg"}
-    ptrs = {**ARGS, "scale": "fp32"}
+    what = set(sys.argv[1:]) - {"--gated"} or {"state", "out", "dqg"}
+    gates = GATED if "--gated" in sys.argv else PLAIN
+    ptrs = {**(GATED_ARGS if gates["GATES"] else ARGS), "scale": "fp32"}
     if "state" in what:
         for BS, warps, stages, rev, seg in [(64, 4, 3, False, False), (64, 4, 3, True, False), (32, 4, 3, False, False),
                                             (64, 4, 3, False, True), (64, 4, 3, True, True)]:
@@ -103,11 +119,74 @@ def main():
     if "dqg" in what:
         for BK, warps, general in [(64, 8, False), (32, 4, False), (32, 8, False), (16, 4, False), (64, 8, True)]:
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0,
-                     GENERAL=general, FLAGGED=general)
+                     GENERAL=general, FLAGGED=general, **gates)
             print("dqg", dict(BK=BK, warps=warps, general=general), usage(C._dqg_kernel, ptrs, c, warps),
                   flush=True)
 
+# What each kernel may write; anything else reported written is an input (or a wrong report).
+OUTPUTS = {"_state_kernel": {"states", "hT", "decay", "seg_decay"}, "_segment_kernel": {"h_in", "hT"},
+           "_fixup_kernel": {"states"}, "_out_kernel": {"o", "flags", "states"},
+           "_dqg_kernel": {"dq", "dg", "flags", "dlb_part"}, "_gates_kernel": {"q", "g"}}
+
+
+def writes() -> int:
+    """Runs the gated op's Triton path (forward and backward, segmented walks, both launch modes,
+    with and without a lower bound) on CPU tensors with an sm_90 stand-in driver; every launch goes
+    to torch's write analysis instead of the GPU. Returns the number of launches with a reported
+    write outside OUTPUTS."""
+    import torch
+    from hgrn2mini.kernels.gates import gates_triton
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    class Sm90:
+        def get_current_target(self):
+            return TARGET
+
+        def get_current_device(self):
+            return 0
+
+        def is_active(self):
+            return True
+
+    triton.runtime.driver.set_active(Sm90())
+    seen = {}
+
+    def launch(kernel):
+        def grid(_):
+            def call(*args, **kw):
+                kwargs = dict(zip(kernel.arg_names, args))
+                kwargs.update({k: v for k, v in kw.items() if k in kernel.arg_names})
+                acc = tkw.identify_accessed_tensors(kernel, kwargs, {})
+                w = {d.name for d in acc.read_writes.writes if isinstance(kwargs.get(d.name), torch.Tensor)}
+                consts = tuple(sorted((k, v) for k, v in kw.items() if isinstance(v, bool)))
+                seen[(kernel.fn.__name__, consts)] = w
+            return call
+        return type("Launcher", (), {"__getitem__": lambda self, g: grid(g)})()
+
+    C._launch = launch
+    B, T, H, K, V = 1, 300, 2, 32, 32
+    for lb in (None, torch.rand(H * K)):
+        for two_pass, seg in ((True, False), (False, True)):
+            C.CONFIG.update(two_pass_min_dim=16 if two_pass else 10**9, min_segment_chunks=1,
+                            min_programs=10**6 if seg else 1)
+            y, x = torch.randn(B, T, H * K), torch.randn(B, T, H * K)
+            v, do, h0 = torch.randn(B, T, H, V), torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+            q, g = gates_triton(y, x, lb, launch)
+            q, g = torch.randn(B, T, H, K), -torch.rand(B, T, H, K)  # stand-ins: nothing ran
+            _, _, states = C.chunk_hgrn2_fwd_with_states(q, g, v, h0, 0.3)
+            heads = (B, T, H, K)
+            C.chunk_hgrn2_bwd(q, g, v, h0, do, h0, 0.3, None, (y.view(heads), x.view(heads), lb))
+    bad = 0
+    for (name, consts), w in sorted(seen.items()):
+        extra = w - OUTPUTS[name]
+        bad += bool(extra)
+        print(name, dict(consts), "writes", sorted(w), f"INPUTS REPORTED WRITTEN: {sorted(extra)}" if extra else "ok")
+    return bad
+
+
 if __name__ == "__main__":
+    if "--writes" in sys.argv:
+        sys.exit(1 if writes() else 0)
     if "--check" in sys.argv:
         i = sys.argv.index("--check")
         sys.exit(1 if check(int(sys.argv[i + 1]), int(sys.argv[i + 2])) else 0)

@@ -23,7 +23,7 @@ import torch
 from torch.library import triton_op
 
 from hgrn2mini.kernels import chunk as _chunk
-from hgrn2mini.kernels.gates import gates, gates_bwd  # gates: also the model's decode step
+from hgrn2mini.kernels.gates import gates, gates_bwd, gates_triton  # gates: also the model's decode step
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -89,10 +89,11 @@ def _chunk_hgrn2(
     return _forward(q, g, v, initial_state, scale)
 
 
-def _backward_body(q, g, v, initial_state, do, dht, scale, states):
+def _backward_body(q, g, v, initial_state, do, dht, scale, states, logits=None):
+    """logits: see `chunk_hgrn2_bwd` (the Triton path only)."""
     if _chunk.triton_supported(q, v):
         kept = states.view(q.dtype) if states is not None and states.numel() > 0 else None
-        return _chunk.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, kept)
+        return _chunk.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, kept, logits)
     return _chunk.chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale)
 
 
@@ -140,13 +141,18 @@ def _gated_chunk_hgrn2(
     q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None, v: torch.Tensor,
     initial_state: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`gates`, then the recurrence: (o, final state, kept states) as `_chunk_hgrn2`."""
-    _check_logits(q_logits, f_logits, lower_bound, v)
+    """`gates`, then the recurrence: (o, final state, kept states) as `_chunk_hgrn2`. On the
+    Triton path the gates are one kernel (`gates_triton`)."""
+    _check_logits(q_logits, f_logits, lower_bound, v, initial_state)
     heads = _heads(q_logits, v)
-    q, g = gates(q_logits, f_logits, lower_bound)
-    q, g = q.view(heads), g.view(heads)
-    _check(q, g, v, initial_state)
-    return _forward(q, g, v, initial_state, scale)
+    q, g = _gates(q_logits, f_logits, lower_bound, v)
+    return _forward(q.view(heads), g.view(heads), v, initial_state, scale)
+
+
+def _gates(q_logits, f_logits, lower_bound, v):
+    if _chunk.triton_supported(q_logits.view(_heads(q_logits, v)), v):
+        return gates_triton(q_logits, f_logits, lower_bound, _chunk._launch)
+    return gates(q_logits, f_logits, lower_bound)
 
 
 @triton_op("hgrn2mini::gated_chunk_hgrn2_bwd", mutates_args=())
@@ -158,6 +164,14 @@ def _gated_chunk_hgrn2_bwd(
     """(d q_logits, d f_logits, d lower_bound (empty without one), dv, d initial state): the gates
     recomputed, the recurrence's backward, then the gates' derivative."""
     heads, shape = _heads(q_logits, v), q_logits.shape
+    if _chunk.triton_supported(q_logits.view(heads), v):  # the gates' derivative in the dq/dg kernel
+        q, g = _gates(q_logits, f_logits, lower_bound, v)
+        dq_logits, df_logits, dlb, dv, dh0 = _backward_body(
+            q.view(heads), g.view(heads), v, initial_state, do, dht, scale, states,
+            (q_logits.view(heads), f_logits.view(heads), lower_bound))
+        if dlb is None:
+            dlb = do.new_empty(0, dtype=torch.float32)
+        return dq_logits.view(shape), df_logits.view(shape), dlb, dv, dh0
     # From [B*T, H*K] views of the logits, not the [B, T, H*K] tensors the forward read: under
     # torch.compile both ops' bodies land in one graph, where identical expressions of the forward
     # and the backward are merged, and the forward's q, g and intermediates would then be kept
@@ -186,18 +200,29 @@ def _gated_backward(ctx, do, dht, _):
 _gated_chunk_hgrn2.register_autograd(_gated_backward, setup_context=_setup_context)
 
 
-def _check_logits(q_logits, f_logits, lower_bound, v) -> None:
+def _check_logits(q_logits, f_logits, lower_bound, v, initial_state) -> None:
     if v.dim() != 4:
         raise ValueError(f"v must be [B, T, H, V] (4 dims), got shape {list(v.shape)}")
-    B, T, H, _ = v.shape
+    B, T, H, V = v.shape
+    if v.dtype not in _FLOAT:
+        raise TypeError(f"v must be float32, bfloat16 or float16, got {v.dtype}")
     for name, x in (("q_logits", q_logits), ("f_logits", f_logits)):
         if x.dim() != 3 or list(x.shape[:2]) != [B, T] or x.shape[2] % H:
             raise ValueError(f"{name} must be [B, T, H*K] with B, T, H = {[B, T, H]} as v, got {list(x.shape)}")
+        if x.dtype != v.dtype:
+            raise TypeError(f"{name} must have v's dtype {v.dtype}, got {x.dtype}")
+        if x.device != v.device:
+            raise ValueError(f"{name} must be on v's device {v.device}, got {x.device}")
     if f_logits.shape != q_logits.shape:
         raise ValueError(f"f_logits must have q_logits' shape {list(q_logits.shape)}, got {list(f_logits.shape)}")
     if lower_bound is not None and (lower_bound.shape != q_logits.shape[-1:] or lower_bound.dtype != torch.float32):
         raise ValueError(f"lower_bound must be float32 [{q_logits.shape[-1]}], got {lower_bound.dtype} "
                          f"{list(lower_bound.shape)}")
+    if lower_bound is not None and lower_bound.device != v.device:
+        raise ValueError(f"lower_bound must be on v's device {v.device}, got {lower_bound.device}")
+    if initial_state is not None:
+        K = q_logits.shape[-1] // H
+        check_state("initial_state", initial_state, "[B, H, K, V]", (B, H, K, V), v.device)
 
 
 def gated_chunk_hgrn2(

@@ -213,6 +213,8 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton is a dependency; keep the CPU path importable
     triton = None
+else:
+    from hgrn2mini.kernels.gates import _log1p, _sigmoid_terms
 
 # Whether Triton's interpreter runs the kernels (CPU tests). Read once, when this module is
 # imported, as Triton reads it when the kernels are decorated: both the launch path (`_launch`)
@@ -609,11 +611,14 @@ if triton is not None:
     def _dqg_kernel(
         q, g, v, do,  # [B, T, H, K] / [B, T, H, V]
         states, dstates,  # [B*H, NT, K, V]: chunk-start states; gradients of chunk-end states
-        dq, dg,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32
+        dq, dg,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32; GATES: d q_logits, d f_logits (q's dtype)
         T, H, scale, flags,  # flags as in _out_kernel
+        q_logits, f_logits,  # GATES: the gates' logits [B, T, H, K] (q = silu(q_logits), g = log f)
+        lb, dlb_part,  # GATES and HAS_LB: the lower bound [H*K] and (out) [B*NT, H*K] fp32 sums per chunk
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
         FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr,
+        GATES: tl.constexpr, HAS_LB: tl.constexpr,
     ):
         """dq and dg of one chunk and BK key channels (formulas in chunk_hgrn2_bwd_ref): every
         term is separable over the key channels. Two variants as in `_out_kernel`. The key
@@ -671,6 +676,20 @@ if triton is not None:
             keys_before = tl.dot(before, k * dk_h, input_precision=PREC32)
             later = tl.cumsum(qs * dq_sum - k * dk_in, 0, reverse=True)
             dgc = _exp(b_last)[None, :] * outside[None, :] + keys_before + later - _exp(gc) * dkc
+            if GATES:  # on through the gates to their logits (`gates_bwd`)
+                x = _load_tile(q_logits + offk, t0, T, H * K, rows, ck).to(tl.float32)
+                sig = 1.0 / (1.0 + tl.exp(-x))
+                dqc = dqc * sig * (1.0 + x * (1.0 - sig))  # silu'
+                f = _load_tile(f_logits + offk, t0, T, H * K, rows, ck).to(tl.float32)
+                log_s, rest, _, _ = _sigmoid_terms(f)  # log sigmoid(f), sigmoid(-f)
+                if HAS_LB:
+                    cols = (bh % H) * K + ck
+                    dlb = tl.where(((t0 + rows) < T)[:, None], dgc * rest * tl.exp(-gc), 0.0)
+                    tl.store(dlb_part + ((bh // H) * NT + n) * H * K + cols, tl.sum(dlb, 0))
+                    log1m_lb = _log1p(-tl.load(lb + cols))
+                    dgc = dgc * rest * tl.exp(log1m_lb[None, :] + log_s - gc)
+                else:
+                    dgc = dgc * rest
             _store_tile(dq + offk, dqc, t0, T, H * K, rows, ck)
             _store_tile(dg + offk, dgc, t0, T, H * K, rows, ck)
             if not GENERAL:
@@ -823,9 +842,14 @@ def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
     return o, hT
 
 
-def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None):
+def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=None):
     """Triton backward: (dq, dg fp32, dv, d initial state fp32). states: the forward's chunk-start
-    states, or None to compute them again."""
+    states, or None to compute them again.
+
+    logits: (q_logits, f_logits [B, T, H, K] in q's dtype, lower_bound [H*K] fp32 or None) where q
+    and g are HGRN2's gates of these (`hgrn2mini.kernels.gates`): then the dq/dg kernel carries the
+    gradients on through the gates (`gates_bwd`) and this returns (d q_logits, d f_logits, d
+    lower_bound or None, dv, d initial state); dq and dg are never written to memory."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     # Gradients can arrive with stride 0 (the gradient of `.sum()`); the kernels index densely.
@@ -837,15 +861,24 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None):
     dstates, dh0, join = _run_states(q, g, do, dht.contiguous() if dht is not None else None, True, scale,
                                      join_later=True)
     dv = _run_out(q, g, do, dstates, scale, True, join)
-    dq, dg = torch.empty_like(q), torch.empty_like(g)
+    # Without logits never read: any input stands in (never an output).
+    q_logits, f_logits, lower_bound = logits if logits is not None else (q, q, None)
+    q_logits, f_logits = q_logits.contiguous(), f_logits.contiguous()
+    has_lb = lower_bound is not None
+    lb = lower_bound.contiguous() if has_lb else q
+    dlb_part = torch.empty(B * triton.cdiv(T, _BT) if has_lb else 0, H * K, device=q.device, dtype=torch.float32)
+    dq, dg = torch.empty_like(q), torch.empty_like(f_logits if logits is not None else g)
     # State tiles [BK, BV] with BK < BV faulted (illegal address) or gave wrong bf16 results on the
     # H100 with Triton 3.6, so BV = BK.
     BK = min(K, _cfg(q, v, "dqg_bk"))
     BV = min(V, BK)
     _launch_chunks(
         _dqg_kernel, (K // BK, triton.cdiv(T, _BT), B * H), q, g, v, do, states, dstates, dq, dg, T, H,
-        scale,
+        scale, q_logits=q_logits, f_logits=f_logits, lb=lb, dlb_part=dlb_part,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=BV, DT=DT, PREC=PREC, PREC32=PREC32, FAST_RANGE=_FAST_RANGE,
-        num_warps=_cfg(q, v, "dqg_warps"), num_stages=CONFIG["dqg_stages"],
+        num_warps=_cfg(q, v, "dqg_warps"), num_stages=CONFIG["dqg_stages"], GATES=logits is not None,
+        HAS_LB=has_lb,
     )
+    if logits is not None:
+        return dq, dg, (dlb_part.sum(0) if has_lb else None), dv, dh0
     return dq, dg, dv, dh0

@@ -21,21 +21,31 @@ Backward, with s = sigmoid(f_logits) and f = exp(g):
 every exponent <= 0 but the last, which is the gradient's own size; sigmoid(-x) for 1 - s keeps
 gates near 1 exact.
 
-A Triton version of both (one elementwise kernel each way) matched float64 eagerly on the H100
-but gave wrong results under torch.compile with torch 2.11 (loss off by 1e-3, gradients wrong;
-2026-11-24): it is in the history (commit 8f423a8), not used. A lead, checked offline with torch
-2.13 and 2.9.1: torch's analysis of which arguments a user kernel writes (Triton IR) reported
-every pointer passed to its helper `_gate_terms`, which loaded the tiles and returned them with
-their offsets, as written, inputs included; with the loads in the kernel body it reports exactly
-the outputs (as it does for the chunk kernels). So the compiled graph treated the logits (kept for
-the backward) and the lower bound (a view of a graph input) as written by the kernel, a path the
-chunk kernels never take; that is the first suspect.
+On CUDA the forward is one Triton kernel (`gates_triton`: q and g from the logits in one pass,
+inside the op, never kept), and the backward's derivative is applied by the recurrence's dq/dg
+kernel as it writes (`hgrn2mini.kernels.chunk`, GATES), with the helpers below.
+
+A first Triton version (2026-11-24, commit 8f423a8) matched float64 eagerly on the H100 but gave
+wrong results under torch.compile: torch's analysis of which arguments a user kernel writes
+(Triton IR) reported every pointer passed to its helper, which loaded the tiles and returned them
+with their offsets, as written, inputs included. Here the kernels load in their own body (the
+helpers take values, or load only the bound), and the analysis reports exactly their outputs
+(checked offline with torch 2.13, benchmarks/offline_regs.py --writes).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - triton is a dependency; keep the CPU path importable
+    triton = None
 
 
 def gates(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None):
@@ -63,3 +73,73 @@ def gates_bwd(q_logits, f_logits, lower_bound, g, dq, dg):
     df_logits = dg * rest * torch.exp(torch.log1p(-lower_bound) + F.logsigmoid(f) - g)
     dlb = (dg * rest * torch.exp(-g)).flatten(0, -2).sum(0)
     return dq_logits, df_logits.to(f_logits.dtype), dlb
+
+
+if triton is not None:
+
+    _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+    @triton.jit
+    def _log1p(x):
+        """log(1 + x), exact to a few ulps for small x too: libdevice's on the GPU; under the
+        interpreter (no libdevice) Goldberg's form, u - 1 being exactly what 1 + x rounded to."""
+        if _INTERPRET:
+            u = 1.0 + x
+            d = u - 1.0
+            return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+        else:
+            return libdevice.log1p(x)
+
+    @triton.jit
+    def _sigmoid_terms(f):
+        """log sigmoid(f), sigmoid(-f), exp(-|f|) and log1p(exp(-|f|)) of an fp32 tile, from one
+        exp(-|f|) (which never overflows)."""
+        e = tl.exp(-tl.abs(f))
+        l1p = _log1p(e)
+        return tl.minimum(f, 0.0) - l1p, tl.where(f >= 0.0, e, 1.0) / (1.0 + e), e, l1p
+
+    @triton.jit
+    def _log_gate(f, lb, cols, HAS_LB: tl.constexpr):
+        """g = log(lb + (1 - lb) sigmoid(f)) of an fp32 tile of forget logits [rows, cols], lb[cols]
+        the bound (fp32), exact to a few ulps in both of its forms:
+            log1p(-r), r = 1 - f = (1 - lb) sigmoid(-f)     where r < 1/2 (f near 1)
+            log(lb + e) - log1p(e), e = exp(f)               elsewhere (f <= 1/2, so f < 0 and
+                                                             f = (lb + e) / (1 + e); no cancellation)
+        and, where lb + e underflows (f below e^-69, lb ~ 0), the larger of log(1 - lb) + log sigmoid(f)
+        and log lb (within log 2 of g, only for a bound below 1e-30 that is not 0)."""
+        g, rest, e, l1p = _sigmoid_terms(f)
+        if HAS_LB:
+            bound = tl.load(lb + cols)[None, :]
+            r = (1.0 - bound) * rest
+            t = bound + e
+            far = tl.maximum(_log1p(-bound) + g, tl.log(bound))  # t underflowed: f ~ e^f_logits
+            g = tl.where(r < 0.5, _log1p(-tl.minimum(r, 0.5)), tl.where(t > 1e-30, tl.log(t) - l1p, far))
+        return g
+
+    @triton.jit
+    def _gates_kernel(q_logits, f_logits, lb, q, g, N, D, HAS_LB: tl.constexpr, BR: tl.constexpr,
+                      BD: tl.constexpr):
+        """q = silu(q_logits) (their dtype) and g = log f (fp32) of a [BR, BD] tile of [N, D] logits."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        cols = tl.program_id(1) * BD + tl.arange(0, BD)
+        off = rows[:, None] * D + cols[None, :]
+        m = rows[:, None] < N
+        x = tl.load(q_logits + off, mask=m, other=0.0).to(tl.float32)
+        f = tl.load(f_logits + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(q + off, (x / (1.0 + tl.exp(-x))).to(q.dtype.element_ty), mask=m)
+        tl.store(g + off, _log_gate(f, lb, cols, HAS_LB), mask=m)
+
+
+def gates_triton(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None, launch):
+    """`gates` in one Triton pass, for CUDA logits [..., D] with D a multiple of 16. launch(kernel)
+    returns the kernel as the caller launches it (wrap_triton inside a triton_op)."""
+    q_logits, f_logits = q_logits.contiguous(), f_logits.contiguous()
+    D = q_logits.shape[-1]
+    N = q_logits.numel() // D
+    q = torch.empty_like(q_logits)
+    g = torch.empty(q_logits.shape, device=q_logits.device, dtype=torch.float32)
+    lb = lower_bound.contiguous() if lower_bound is not None else q_logits  # never read then; never an output
+    BD = 128 if D % 128 == 0 else 16
+    launch(_gates_kernel)[(triton.cdiv(N, 32), D // BD)](q_logits, f_logits, lb, q, g, N, D,
+                                                          HAS_LB=lower_bound is not None, BR=32, BD=BD, num_warps=4)
+    return q, g

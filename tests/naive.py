@@ -36,3 +36,49 @@ def rel_err(got, want):
         return float("inf")
     den = want.norm()
     return ((got - want).norm() / (den if den > 0 else 1.0)).item()
+
+
+def gated_reference(y, x, lb, v, h0, do, dht, scale=None):
+    """The gated recurrence (q = silu(y), g = log(lb + (1 - lb) sigmoid(x)), logits [B, T, H*K],
+    lb [H*K] or None) in float64: o, final state, and the gradients of sum(o * do) + sum(hT * dht)
+    for y, x, lb (None without one), v, h0. The recurrence's gradients come from autograd through
+    the loop; the gates' derivatives are applied by hand, from the definition, with log f exact
+    near 1 too (log1p(-(1 - lb) sigmoid(-x))), where f itself rounds to 1."""
+    y, x, v, do, dht = (t.double() for t in (y, x, v, do, dht))
+    h0 = h0.double() if h0 is not None else None
+    B, T, H, V = v.shape
+    K = y.shape[-1] // H
+    lb64 = lb.double() if lb is not None else torch.zeros(H * K, dtype=torch.float64, device=y.device)
+    f = lb64 + (1 - lb64) * torch.sigmoid(x)
+    log_f = torch.where(f < 0.5, torch.log(f), torch.log1p(-(1 - lb64) * torch.sigmoid(-x)))
+    s_y = torch.sigmoid(y)
+    leaves = [(y * s_y).view(B, T, H, K).requires_grad_(), log_f.view(B, T, H, K).requires_grad_(),
+              v.clone().requires_grad_()]
+    h0r = h0.clone().requires_grad_() if h0 is not None else None
+    o, hT = naive_recurrence(*leaves, h0r, scale)
+    grads = torch.autograd.grad((o * do).sum() + (hT * dht).sum(), leaves + ([h0r] if h0r is not None else []))
+    dq, dg = grads[0].reshape(y.shape), grads[1].reshape(x.shape)
+    dy = dq * (s_y + y * s_y * (1 - s_y))
+    dx = dg * (1 - lb64) * torch.sigmoid(x) * torch.sigmoid(-x) / f
+    dlb = (dg * torch.sigmoid(-x) / f).sum((0, 1)) if lb is not None else None
+    return o.detach(), hT.detach(), dy, dx, dlb, grads[2], (grads[3] if h0 is not None else None)
+
+
+def gated_logits(p, device="cpu"):
+    """A recurrence problem (problems.Problem) as the gated op takes it, float64: q logits, forget
+    logits (mean p.shift; uniform in [-30, 0] for p.gate "uniform30", gates down to e^-30), a
+    lower bound per channel up to p.lower_bound (None at 0), v, h0, do, dht."""
+    gen = torch.Generator().manual_seed(p.seed)
+    B, T, H, K, V = p.B, p.T, p.H, p.K, p.V
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    y, v = 2 * rnd(B, T, H * K), rnd(B, T, H, V)
+    if p.gate == "uniform30":
+        x = -30 * torch.rand(B, T, H * K, generator=gen, dtype=torch.float64)
+    else:
+        x = p.shift + 2 * rnd(B, T, H * K)
+    lb = None
+    if p.lower_bound > 0:
+        lb = p.lower_bound * (1 - 1e-3 * torch.rand(H * K, generator=gen, dtype=torch.float64))
+    h0 = rnd(B, H, K, V) if p.with_state else None
+    do, dht = rnd(B, T, H, V), rnd(B, H, K, V)
+    return [t.to(device) if t is not None else None for t in (y, x, lb, v, h0, do, dht)]

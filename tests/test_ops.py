@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from naive import naive_recurrence, rel_err
+from naive import gated_logits, gated_reference, naive_recurrence, rel_err
 from problems import problems, with_hard_cases
 
-from hgrn2mini.ops import chunk_hgrn2
+from hgrn2mini.ops import chunk_hgrn2, gated_chunk_hgrn2
 
 # Relative error (norm of the difference over norm of the float64 reference) per input dtype.
 # fp32: the cumulative gate is an fp32 sum, so exp(b_i - b_j) carries ~|b| * 2^-24 relative error
@@ -48,6 +48,35 @@ def check_against_naive(p, dtype, device):
         errs[name] = rel_err(got, want)
     bad = {k: e for k, e in errs.items() if not e <= tol}
     assert not bad, f"relative errors over {tol} for {dtype}: {bad} ({p})"
+
+
+def check_gated_against_float64(p, dtype, device):
+    """The gated op (gates from their logits inside: on CUDA computed by the kernels as they load
+    them) against the float64 loop, with the same tolerance per dtype as the plain op."""
+    y, x, lb, v, h0, do, dht = gated_logits(p, device)
+    y, x, v, do = (t.to(dtype).double() for t in (y, x, v, do))
+    lb = lb.float().double() if lb is not None else None
+    h0 = h0.float().double() if h0 is not None else None
+    want = gated_reference(y, x, lb, v, h0, do, dht.float().double())
+    leaves = [y.to(dtype), x.to(dtype), lb.float() if lb is not None else None, v.to(dtype),
+              h0.float() if h0 is not None else None]
+    leaves = [t.requires_grad_() if t is not None else None for t in leaves]
+    o, hT = gated_chunk_hgrn2(*leaves)
+    loss = (o.float() * do.float()).sum() + (hT * dht.float()).sum()
+    live = [t for t in leaves if t is not None]
+    grads = dict(zip([id(t) for t in live], torch.autograd.grad(loss, live)))
+    got = [o, hT] + [grads[id(t)] if t is not None else None for t in leaves]
+    names = ("o", "final_state", "dq_logits", "df_logits", "dlb", "dv", "dh0")
+    errs = {n: rel_err(a, b) for n, a, b in zip(names, got, want) if b is not None}
+    bad = {k: e for k, e in errs.items() if not e <= TOL[dtype]}
+    assert not bad, f"relative errors over {TOL[dtype]} for {dtype}: {bad} ({p})"
+
+
+@settings(max_examples=15)
+@with_hard_cases
+@given(problems(max_T=100))
+def test_gated_op_matches_float64_cpu(p):
+    check_gated_against_float64(p, torch.float32, "cpu")
 
 
 @with_hard_cases
@@ -178,6 +207,14 @@ def test_op_matches_naive_loop_cuda_fp32(p):
 @given(problems(max_T=600, dims=(16, 32, 64, 128), max_B=2, max_H=2))
 def test_op_matches_naive_loop_cuda_bf16(p):
     check_against_naive(p, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@with_hard_cases
+@given(problems(max_T=600, dims=(16, 32, 64, 128), max_B=2, max_H=2))
+def test_gated_op_matches_float64_cuda(dtype, p):
+    check_gated_against_float64(p, dtype, "cuda")
 
 
 @pytest.mark.gpu
