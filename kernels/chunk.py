@@ -681,7 +681,7 @@ if triton is not None:
                 sig = 1.0 / (1.0 + tl.exp(-x))
                 dqc = dqc * sig * (1.0 + x * (1.0 - sig))  # silu'
                 f = _load_tile(f_logits + offk, t0, T, H * K, rows, ck).to(tl.float32)
-                log_s, rest, _, _ = _sigmoid_terms(f)  # log sigmoid(f), sigmoid(-f)
+                log_s, rest = _sigmoid_terms(f)  # log sigmoid(f), sigmoid(-f)
                 if HAS_LB:
                     cols = (bh % H) * K + ck
                     dlb = tl.where(((t0 + rows) < T)[:, None], dgc * rest * tl.exp(-gc), 0.0)
