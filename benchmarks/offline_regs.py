@@ -156,8 +156,11 @@ def writes() -> int:
             def call(*args, **kw):
                 kwargs = dict(zip(kernel.arg_names, args))
                 kwargs.update({k: v for k, v in kw.items() if k in kernel.arg_names})
-                acc = tkw.identify_accessed_tensors(kernel, kwargs, {})
-                w = {d.name for d in acc.read_writes.writes if isinstance(kwargs.get(d.name), torch.Tensor)}
+                if hasattr(tkw, "identify_accessed_tensors"):  # torch 2.13
+                    names = [d.name for d in tkw.identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes]
+                else:  # earlier torch (2.11 on the device machine): the same analysis, by its older name
+                    names = tkw.identify_mutated_tensors(kernel, kwargs, {})
+                w = {n for n in names if isinstance(kwargs.get(n), torch.Tensor)}
                 consts = tuple(sorted((k, v) for k, v in kw.items() if isinstance(v, bool)))
                 seen[(kernel.fn.__name__, consts)] = w
             return call

@@ -14,7 +14,11 @@ Inductor recompute the gates in four kernels of the backward (~8 ms of the 374M 
 torch 2.11's compiler, which kept q and g anyway. As one op, what its backward keeps is exactly
 what `_setup_context` saves: the two logits (bf16), v, lb, the initial state, the op's
 chunk states; the backward op recomputes the gates and applies their derivative
-(`hgrn2mini.kernels.gates`), which Inductor fuses.
+(`hgrn2mini.kernels.gates`). On the Triton path the gates are one Triton kernel each way
+(`gates_triton`) and the derivative is applied by the dq/dg kernel as it writes (`chunk_hgrn2_bwd`
+with `logits`): 1.27 against 1.34 ms forward + backward with Inductor's gates around the plain
+kernels (B 8, T 2048, H 8, K = V = 128; H100, 2026-11-24, benchmarks/gated_ab.py); elsewhere
+PyTorch's, which Inductor fuses.
 """
 
 from __future__ import annotations

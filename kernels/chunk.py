@@ -174,7 +174,9 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #                   + A^T @ do: the same work, transposed.
 #   _dqg_kernel     grid (K/BK, chunks, B*H): reads q, g, v, do, states, state gradients; writes
 #                   dq, dg (fp32). Every term is separable over key channels; dA = do v^T is
-#                   recomputed by each key block's program (K/BK times).
+#                   recomputed by each key block's program (K/BK times). GATES (the gated op):
+#                   also reads the gates' logits and writes their gradients instead (bf16), and
+#                   the lower bound's per-chunk sums: the gates' derivative (kernels/gates.py).
 #   _segment_kernel, _fixup_kernel: where B*H leaves SMs idle, the walk is cut into segments
 #                   walked in parallel; the decay is diagonal, so joining them is elementwise
 #                   (fixup reads and rewrites the states once).
