@@ -193,6 +193,28 @@ def test_bad_input_names_the_argument(change, match):
         chunk_hgrn2(**args)
 
 
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(q_logits=torch.randn(2, 5, 2, 8)), r"q_logits must be \[B, T, H\*K\]"),
+        (dict(f_logits=torch.randn(2, 5, 15)), r"f_logits must be \[B, T, H\*K\]"),
+        (dict(f_logits=torch.randn(2, 5, 8)), "f_logits must have q_logits' shape"),
+        (dict(q_logits=torch.randn(2, 5, 16, dtype=torch.bfloat16)), "q_logits must have v's dtype"),
+        (dict(lower_bound=torch.rand(15)), r"lower_bound must be float32 \[16\]"),
+        (dict(lower_bound=torch.rand(16, dtype=torch.float64)), "lower_bound must be float32"),
+        (dict(lower_bound=torch.rand(16, device="meta")), "lower_bound must be on v's device"),
+        (dict(v=torch.randn(2, 5, 2, 4).int()), "v must be float32, bfloat16 or float16"),
+        (dict(initial_state=torch.randn(2, 2, 8, 5)), r"initial_state must be \[B, H, K, V\]"),
+    ],
+)
+def test_gated_bad_input_names_the_argument(change, match):
+    args = dict(q_logits=torch.randn(2, 5, 16), f_logits=torch.randn(2, 5, 16), lower_bound=torch.rand(16),
+                v=torch.randn(2, 5, 2, 4), initial_state=None)
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        gated_chunk_hgrn2(**args)
+
+
 # ---- on the GPU: the Triton path (selected with `-m gpu` on the device machine) ------------------
 
 
