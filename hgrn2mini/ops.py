@@ -149,14 +149,11 @@ def _gated_chunk_hgrn2(
     Triton path the gates are one kernel (`gates_triton`)."""
     _check_logits(q_logits, f_logits, lower_bound, v, initial_state)
     heads = _heads(q_logits, v)
-    q, g = _gates(q_logits, f_logits, lower_bound, v)
+    if _chunk.triton_supported(q_logits.view(heads), v):
+        q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk._launch)
+    else:
+        q, g = gates(q_logits, f_logits, lower_bound)
     return _forward(q.view(heads), g.view(heads), v, initial_state, scale)
-
-
-def _gates(q_logits, f_logits, lower_bound, v):
-    if _chunk.triton_supported(q_logits.view(_heads(q_logits, v)), v):
-        return gates_triton(q_logits, f_logits, lower_bound, _chunk._launch)
-    return gates(q_logits, f_logits, lower_bound)
 
 
 @triton_op("hgrn2mini::gated_chunk_hgrn2_bwd", mutates_args=())
@@ -169,24 +166,23 @@ def _gated_chunk_hgrn2_bwd(
     recomputed, the recurrence's backward, then the gates' derivative."""
     heads, shape = _heads(q_logits, v), q_logits.shape
     if _chunk.triton_supported(q_logits.view(heads), v):  # the gates' derivative in the dq/dg kernel
-        q, g = _gates(q_logits, f_logits, lower_bound, v)
+        q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk._launch)
         dq_logits, df_logits, dlb, dv, dh0 = _backward_body(
             q.view(heads), g.view(heads), v, initial_state, do, dht, scale, states,
             (q_logits.view(heads), f_logits.view(heads), lower_bound))
-        if dlb is None:
-            dlb = do.new_empty(0, dtype=torch.float32)
-        return dq_logits.view(shape), df_logits.view(shape), dlb, dv, dh0
-    # From [B*T, H*K] views of the logits, not the [B, T, H*K] tensors the forward read: under
-    # torch.compile both ops' bodies land in one graph, where identical expressions of the forward
-    # and the backward are merged, and the forward's q, g and intermediates would then be kept
-    # rather than computed again (seen on the saved-tensor list, benchmarks/saved_activations.py).
-    q_logits, f_logits = q_logits.flatten(0, 1), f_logits.flatten(0, 1)
-    q, g = gates(q_logits, f_logits, lower_bound)
-    dq, dg, dv, dh0 = _backward_body(q.view(heads), g.view(heads), v, initial_state, do, dht, scale, states)
-    dq, dg = dq.reshape(q.shape), dg.reshape(g.shape)
-    dq_logits, df_logits, dlb = gates_bwd(q_logits, f_logits, lower_bound, g, dq, dg)
+    else:
+        # From [B*T, H*K] views of the logits, not the [B, T, H*K] tensors the forward read: under
+        # torch.compile both ops' bodies land in one graph, where identical expressions of the
+        # forward and the backward are merged, and the forward's q, g and intermediates would then
+        # be kept rather than computed again (seen on the saved-tensor list,
+        # benchmarks/saved_activations.py).
+        flat_q, flat_f = q_logits.flatten(0, 1), f_logits.flatten(0, 1)
+        q, g = gates(flat_q, flat_f, lower_bound)
+        dq, dg, dv, dh0 = _backward_body(q.view(heads), g.view(heads), v, initial_state, do, dht, scale, states)
+        dq_logits, df_logits, dlb = gates_bwd(flat_q, flat_f, lower_bound, g, dq.reshape(q.shape),
+                                              dg.reshape(g.shape))
     if dlb is None:
-        dlb = g.new_empty(0)
+        dlb = v.new_empty(0, dtype=torch.float32)
     return dq_logits.view(shape), df_logits.view(shape), dlb, dv, dh0
 
 

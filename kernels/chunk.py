@@ -40,10 +40,9 @@ no pass over the whole sequence is needed.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+from hgrn2mini.kernels.gates import _INTERPRETING  # the interpreter or not: one value for both files
 from torch.library import wrap_triton
 
 # The pair tensor [C, C, K] per chunk is what the CPU path pays for exactness; against the short
@@ -216,12 +215,8 @@ try:
 except ImportError:  # pragma: no cover - triton is a dependency; keep the CPU path importable
     triton = None
 else:
-    from hgrn2mini.kernels.gates import _log1p, _sigmoid_terms
+    from hgrn2mini.kernels.gates import _INTERPRET, _log1p, _sigmoid_terms
 
-# Whether Triton's interpreter runs the kernels (CPU tests). Read once, when this module is
-# imported, as Triton reads it when the kernels are decorated: both the launch path (`_launch`)
-# and the kernels' own constexpr (`_exp`) follow this one value.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _FAST_RANGE = 60.0  # exp(60) = 1.1e26 and exp(-60) = 8.8e-27: finite and normal in fp32 and bf16
 _BT, _BC = 64, 16
 _DIMS = (16, 32, 64, 128, 256)
@@ -243,8 +238,6 @@ def triton_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 if triton is not None:
-
-    _INTERPRET = tl.constexpr(_INTERPRETING)
 
     @triton.jit
     def _exp(x):

@@ -47,6 +47,11 @@ try:
 except ImportError:  # pragma: no cover - triton is a dependency; keep the CPU path importable
     triton = None
 
+# Whether Triton's interpreter runs the kernels (CPU tests). Read once, when this module is
+# imported, as Triton reads it when the kernels are decorated: the launch path (`chunk._launch`)
+# and the kernels' own constexpr (`_INTERPRET`, here and in chunk.py) follow this one value.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 def gates(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None):
     """q = silu(q_logits) in q_logits' dtype and g = log f (fp32), as in the module docstring."""
@@ -77,7 +82,7 @@ def gates_bwd(q_logits, f_logits, lower_bound, g, dq, dg):
 
 if triton is not None:
 
-    _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+    _INTERPRET = tl.constexpr(_INTERPRETING)
 
     @triton.jit
     def _log1p(x):
