@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from naive import gated_logits, gated_reference, naive_recurrence, rel_err, rel_err_sum
-from problems import problems, with_hard_cases
+from naive import gated_errors, gated_logits, gated_reference, naive_recurrence, rel_err
+from problems import Problem, problems, with_hard_cases
 
 from hgrn2mini.ops import chunk_hgrn2, gated_chunk_hgrn2
 
@@ -57,7 +57,7 @@ def check_gated_against_float64(p, dtype, device):
     y, x, v, do = (t.to(dtype).double() for t in (y, x, v, do))
     lb = lb.float().double() if lb is not None else None
     h0 = h0.float().double() if h0 is not None else None
-    *want, dlb_scale = gated_reference(y, x, lb, v, h0, do, dht.float().double())
+    want, scales = gated_reference(y, x, lb, v, h0, do, dht.float().double())
     leaves = [y.to(dtype), x.to(dtype), lb.float() if lb is not None else None, v.to(dtype),
               h0.float() if h0 is not None else None]
     leaves = [t.requires_grad_() if t is not None else None for t in leaves]
@@ -66,9 +66,7 @@ def check_gated_against_float64(p, dtype, device):
     live = [t for t in leaves if t is not None]
     grads = dict(zip([id(t) for t in live], torch.autograd.grad(loss, live)))
     got = [o, hT] + [grads[id(t)] if t is not None else None for t in leaves]
-    names = ("o", "final_state", "dq_logits", "df_logits", "dlb", "dv", "dh0")
-    errs = {n: rel_err_sum(a, b, dlb_scale) if n == "dlb" else rel_err(a, b)
-            for n, a, b in zip(names, got, want) if b is not None}
+    errs = gated_errors(got, want, scales, elementwise=dtype == torch.float32)
     bad = {k: e for k, e in errs.items() if not e <= TOL[dtype]}
     assert not bad, f"relative errors over {TOL[dtype]} for {dtype}: {bad} ({p})"
 
@@ -235,6 +233,10 @@ def test_op_matches_naive_loop_cuda_bf16(p):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @with_hard_cases
+# Drawn on the H100 (2026-11-24): d f_logits 1.05e-2 and 1.62e-2 by the plain norm, one element of
+# dg at 3.9% where the derivative's weight is largest (see `gated_errors`).
+@example(Problem(B=1, T=32, H=1, K=16, V=16, gate="logits", shift=-20.0, lower_bound=0.5, with_state=True, seed=1))
+@example(Problem(B=1, T=32, H=1, K=16, V=16, gate="logits", shift=-20.0, lower_bound=0.5, with_state=False, seed=7))
 @given(problems(max_T=600, dims=(16, 32, 64, 128), max_B=2, max_H=2))
 def test_gated_op_matches_float64_cuda(dtype, p):
     check_gated_against_float64(p, dtype, "cuda")
