@@ -8,7 +8,10 @@ and a LLaMA of the same size from transformers (compiled, SDPA).
     python benchmarks/bench_lm.py --models ours --kernel-config '{"keep_states": false}'
 
 One step = forward with labels, backward, fused AdamW step, zero_grad; bf16 weights (and so bf16
-optimizer states), as shared/anchors/anchors_lm_step.py measures the anchors. Per model and shape:
+optimizer states), as shared/anchors/anchors_lm_step.py measures the anchors; each model with its
+library's training loss head: ours `fuse_linear_cross_entropy` (as examples/train.py; --logits-loss
+for the loss from the logits), fla its default (logits and its fused cross-entropy), LLaMA
+transformers' (logits, then cross-entropy in fp32). Per model and shape:
 the first step's time (compilation or fla's Triton autotuning included, as a fresh machine pays
 it), then 2 more warm-up steps, then the mean of --steps synchronized steps and the peak memory
 allocated during them. Each (model, shape) starts from a reset compiler cache and an empty
@@ -35,11 +38,12 @@ D, LAYERS, VOCAB, EXPAND, INTERMEDIATE = 1024, 24, 32000, 128, 2816  # the ancho
 MODELS = ("ours", "fla", "llama")
 
 
-def build(name: str, seq_len: int) -> torch.nn.Module:
-    if name == "ours":
+def build(name: str, seq_len: int, fused_loss: bool = True) -> torch.nn.Module:
+    if name == "ours":  # the loss head examples/train.py trains with, unless fused_loss is off
         from hgrn2mini import HGRN2Config, HGRN2ForCausalLM
 
-        return HGRN2ForCausalLM(HGRN2Config.from_preset("374M", vocab_size=VOCAB))
+        config = HGRN2Config.from_preset("374M", vocab_size=VOCAB, fuse_linear_cross_entropy=fused_loss)
+        return HGRN2ForCausalLM(config)
     if name == "fla":
         from fla.models import HGRN2Config, HGRN2ForCausalLM  # installed on the GPU machine from wheels
 
@@ -66,11 +70,12 @@ def compiler_counts() -> dict[str, int]:
             "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
-def bench(name: str, B: int, T: int, compile_: bool, steps: int, warmup: int, regional: bool = False) -> dict:
+def bench(name: str, B: int, T: int, compile_: bool, steps: int, warmup: int, regional: bool = False,
+          fused_loss: bool = True) -> dict:
     dev = "cuda"
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = build(name, T).to(dev, torch.bfloat16)
+    model = build(name, T, fused_loss).to(dev, torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, VOCAB, (B, T), device=dev)
     if compile_ and regional:  # ours only: each block and the head compiled on their own
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps, the first one included")
     p.add_argument("--eager", action="store_true", help="run ours and llama without torch.compile too")
     p.add_argument("--regional", action="store_true", help="compile ours by blocks (compile_regions)")
+    p.add_argument("--logits-loss", action="store_true",
+                   help="ours: loss from the [tokens, vocab] logits, not fuse_linear_cross_entropy")
     p.add_argument("--kernel-config", default=os.environ.get("KERNEL_CONFIG"),
                    help="JSON of hgrn2mini.kernels.chunk.CONFIG updates for ours (env KERNEL_CONFIG)")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", "inf")),
@@ -163,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
     out_dir = os.environ.get("OUT")
-    tag = "_".join(models) + ("_regional" if args.regional else "") + ("_kcfg" if args.kernel_config else "")
+    tag = ("_".join(models) + ("_regional" if args.regional else "") + ("_kcfg" if args.kernel_config else "")
+           + ("_logits_loss" if args.logits_loss else ""))
     out_path = Path(out_dir) / f"bench_lm_{tag}.json" if out_dir else None
     results = {"_about": {**environment(), "config": dict(hidden=D, layers=LAYERS, vocab=VOCAB, expand_ratio=EXPAND),
                           "kernel_config": args.kernel_config, "regional": args.regional,
+                          "ours_fuse_linear_cross_entropy": not args.logits_loss,
                           "method": f"bf16 weights, fused AdamW, {args.warmup} warm-up steps (first timed "
                                     f"separately), mean of {args.steps} synchronized steps"}}
     t0 = time.perf_counter()
@@ -185,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[{time.perf_counter() - t0:6.1f}s] {key}", flush=True)
         try:
-            results[key] = bench(name, B, T, c, args.steps, args.warmup, args.regional and name == "ours")
+            results[key] = bench(name, B, T, c, args.steps, args.warmup, args.regional and name == "ours",
+                                 not args.logits_loss)
         except Exception as e:  # an import that fails, an OOM: record it and go on with the others
             traceback.print_exc()
             results[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}

@@ -400,8 +400,10 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
     log(f"unigram baseline: validation perplexity {unigram:.1f} (training-split token frequencies, add-one)")
 
     # -- model and optimizer ---------------------------------------------------------------------
-    # Padded to a multiple of 64 for the matmul shapes; the extra rows are never a target.
-    config = HGRN2Config.from_preset(args.preset, vocab_size=64 * math.ceil(vocab / 64))
+    # Padded to a multiple of 64 for the matmul shapes; the extra rows are never a target. The loss
+    # without the [tokens, vocab] logits (`fuse_linear_cross_entropy`): ~2 GB less peak memory at
+    # 374M, 8 x 2048 tokens (benchmarks/RESULTS.md).
+    config = HGRN2Config.from_preset(args.preset, vocab_size=64 * math.ceil(vocab / 64), fuse_linear_cross_entropy=True)
     torch.manual_seed(args.seed)
     if ckpt is not None:
         model = HGRN2ForCausalLM.from_pretrained(ckpt, device=rt.device)

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from naive import rel_err
 
+import hgrn2mini.model as model_module
 from hgrn2mini import CausalLMOutput, HGRN2Config, HGRN2ForCausalLM, chunk_hgrn2
 from hgrn2mini.model import hgrn2_recurrent_step, sample
 
@@ -110,8 +113,11 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("f_scale", [1.0, 40.0])
-def test_forward_and_gradients_match_float64_model(case, f_scale):
-    cfg = small_config(**CASES[case])
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["logits", "fused_loss"])
+def test_forward_and_gradients_match_float64_model(case, f_scale, fused_loss, monkeypatch):
+    # fused_loss: the loss without the logits, in chunks of 7 rows (90 rows: a partial last chunk)
+    monkeypatch.setattr(model_module, "CE_CHUNK_LOGITS", 7 * 97)
+    cfg = small_config(**CASES[case], fuse_linear_cross_entropy=fused_loss)
     model = randomized(cfg, seed=1, f_scale=f_scale)
     torch.manual_seed(2)
     ids = torch.randint(0, cfg.vocab_size, (2, 45))  # 45: one full CPU chunk of 32 and a partial one
@@ -126,8 +132,12 @@ def test_forward_and_gradients_match_float64_model(case, f_scale):
     ref_loss = naive_loss(ref_logits, labels)
     ref_loss.backward()
 
-    assert out.logits.dtype == torch.float32 and out.loss.dtype == torch.float32
-    assert rel_err(out.logits, ref_logits) < TOL_FP32
+    assert out.loss.dtype == torch.float32
+    if fused_loss:
+        assert out.logits is None
+    else:
+        assert out.logits.dtype == torch.float32
+        assert rel_err(out.logits, ref_logits) < TOL_FP32
     assert rel_err(out.loss, ref_loss) < TOL_FP32
     for name, p in model.named_parameters():
         assert rel_err(p.grad, sd[name].grad) < 10 * TOL_FP32, name  # a backward is a few ops longer
@@ -141,6 +151,72 @@ def test_bf16_forward_matches_float64_model():
     logits = model.to(torch.bfloat16)(ids).logits
     assert logits.dtype == torch.bfloat16
     assert rel_err(logits, ref) < TOL_BF16
+
+
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(1, 300), D=st.integers(1, 48), vocab=st.integers(1, 600), ignored=st.floats(0, 1),
+       chunk=st.integers(1, 5000), scale=st.sampled_from([1.0, 30.0]), seed=st.integers(0, 2**31 - 1))
+def test_linear_cross_entropy_matches_float64(N, D, vocab, ignored, chunk, scale, seed):
+    """The fused loss head against F.cross_entropy of the float64 logits: loss and both gradients,
+    in one chunk or many (chunk / vocab rows each, down to 1, a partial last one), with ignored
+    rows (all of them: NaN, as F.cross_entropy gives), large logits (scale 30), and without grad.
+    Gradients to 1e-5 relative."""
+    from hgrn2mini.model import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=gen).requires_grad_()
+    w = (scale * torch.randn(vocab, D, generator=gen) / D**0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (N,), generator=gen)
+    targets[torch.rand(N, generator=gen) < ignored] = -100
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    want = F.cross_entropy(x64 @ w64.T, targets, ignore_index=-100)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_module, "CE_CHUNK_LOGITS", chunk)
+        got = linear_cross_entropy(x, w, targets)
+        with torch.no_grad():
+            got_no_grad = linear_cross_entropy(x, w, targets)
+    if (targets == -100).all():
+        assert got.isnan() and got_no_grad.isnan() and want.isnan()
+        return
+    # The loss is a mean of differences lse - logit[target], which cancel where the target wins by
+    # far: its error is measured against the mean of their magnitudes (fp32 logits, so ~1e-7).
+    logits = (x64 @ w64.T).detach()
+    kept = targets != -100
+    magnitude = (logits.logsumexp(-1).abs() + logits.gather(1, targets.clamp_min(0)[:, None])[:, 0].abs())[kept].mean()
+    for loss in (got, got_no_grad):
+        assert abs(loss.item() - want.item()) <= 1e-6 * magnitude.item()
+    for a, b in zip(torch.autograd.grad(got, (x, w)), torch.autograd.grad(want, (x64, w64))):
+        assert a.dtype == torch.float32 and rel_err(a, b) < 1e-5
+
+
+def test_linear_cross_entropy_errors():
+    from hgrn2mini.model import linear_cross_entropy
+
+    x, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"x must be \[N, D\] with N >= 1, got shape \[0, 8\]"):
+        linear_cross_entropy(x[:0], w, t[:0])
+    with pytest.raises(ValueError, match=r"weight must be \[vocab, D\] with D = 8 as x, got shape \[10, 7\]"):
+        linear_cross_entropy(x, w[:, :7], t)
+    with pytest.raises(ValueError, match=r"targets must be \[N\] = \[4\] as x, got shape \[3\]"):
+        linear_cross_entropy(x, w, t[:3])
+
+
+def test_fused_loss_compiles_without_breaks_and_equals_eager(monkeypatch):
+    monkeypatch.setattr(model_module, "CE_CHUNK_LOGITS", 30 * 97)  # 3 chunks for 80 rows
+    cfg = small_config(num_hidden_layers=2, fuse_linear_cross_entropy=True)
+    model = randomized(cfg, seed=5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    explanation = torch._dynamo.explain(model)(ids, labels=ids)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch._dynamo.reset()
+    want = model(ids, labels=ids).loss
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    got = torch.compile(model, fullgraph=True)(ids, labels=ids).loss
+    got_grads = torch.autograd.grad(got, list(model.parameters()))
+    assert rel_err(got, want) < TOL_FP32
+    for a, b in zip(got_grads, want_grads):
+        assert rel_err(a, b) < 10 * TOL_FP32
+    torch._dynamo.reset()
 
 
 def test_loss_ignores_minus_100_and_shifts():
@@ -561,14 +637,17 @@ def test_math_of_lower_bound_at_init():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["logits", "fused_loss"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_training_step_equals_eager_cuda(dtype):
+def test_compiled_training_step_equals_eager_cuda(dtype, fused_loss, monkeypatch):
     """On the GPU the op runs the Triton kernels: a compiled (fullgraph) loss and its gradients
     equal eager. fp32 kernels use FMA matmuls, so fp32 agrees to rounding (1e-4). In bf16 compiled
     and eager round differently (Inductor fuses the elementwise ops around the op), so both are
     measured against the same model in fp32: compiled must be as accurate as eager (within 1.5x
     of eager's own bf16 error, which is itself checked to be bf16-sized)."""
-    model = randomized(small_config(expand_ratio=32, hidden_size=128), seed=3).cuda()
+    monkeypatch.setattr(model_module, "CE_CHUNK_LOGITS", 128 * 97)  # 3 chunks for 300 rows
+    model = randomized(small_config(expand_ratio=32, hidden_size=128, fuse_linear_cross_entropy=fused_loss),
+                       seed=3).cuda()
     ids = torch.randint(0, model.config.vocab_size, (2, 150), device="cuda")
 
     def loss_and_grads(m):
