@@ -401,8 +401,8 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
 
     # -- model and optimizer ---------------------------------------------------------------------
     # Padded to a multiple of 64 for the matmul shapes; the extra rows are never a target. The loss
-    # without the [tokens, vocab] logits (`fuse_linear_cross_entropy`): ~2 GB less peak memory at
-    # 374M, 8 x 2048 tokens (benchmarks/RESULTS.md).
+    # without the [tokens, vocab] logits (`fuse_linear_cross_entropy`): 1.7 GB less peak memory at
+    # 374M, 8 x 2048 tokens, at the same speed (H100, 2026-11-24, benchmarks/RESULTS.md).
     config = HGRN2Config.from_preset(args.preset, vocab_size=64 * math.ceil(vocab / 64), fuse_linear_cross_entropy=True)
     torch.manual_seed(args.seed)
     if ckpt is not None:
