@@ -331,12 +331,7 @@ class HGRN2Model(nn.Module):
         return x, torch.stack(new_states)  # [L, B, H, K, V]
 
 
-class CausalLMOutput(NamedTuple):
-    loss: torch.Tensor | None  # scalar fp32, when labels were given
-    logits: torch.Tensor | None  # [B, T, vocab]; None with labels when config.fuse_linear_cross_entropy
-    state: torch.Tensor | None  # [L, B, H, K, V] fp32, when state was given or return_state=True
-
-
+# ----------------------------------------------------------------------------------------------
 # The fused loss head: cross-entropy of x @ weight^T without the [N, vocab] logits
 # ----------------------------------------------------------------------------------------------
 
@@ -359,7 +354,7 @@ def _cross_entropy_chunks(x, weight, targets, grads: bool):
     rows = -(-N // chunks)
     total = x.new_zeros((), dtype=torch.float32)
     dx, dw = [], torch.zeros_like(weight, dtype=torch.float32) if grads else None
-    for r in range(0, x.shape[0], rows):
+    for r in range(0, N, rows):
         xc, tc = x[r : r + rows], targets[r : r + rows]
         logits = (xc @ weight.T).float()  # [rows, vocab]
         lse = torch.logsumexp(logits, -1)
@@ -405,6 +400,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return _LinearCrossEntropy.apply(x, weight, targets)
     total, count, _, _ = _cross_entropy_chunks(x, weight, targets, grads=False)
     return total / count
+
+
+class CausalLMOutput(NamedTuple):
+    loss: torch.Tensor | None  # scalar fp32, when labels were given
+    logits: torch.Tensor | None  # [B, T, vocab]; None with labels when config.fuse_linear_cross_entropy
+    state: torch.Tensor | None  # [L, B, H, K, V] fp32, when state was given or return_state=True
 
 
 # torch.export.save must name the output's type to serialize it; a namedtuple needs registering
@@ -470,7 +471,9 @@ class HGRN2ForCausalLM(nn.Module):
             state: [L, B, H, K, V] fp32 recurrent state to continue from, or None (zeros).
             return_state: return the new state even when none was given.
         Returns:
-            CausalLMOutput(loss fp32 scalar or None, logits [B, T, vocab], state or None).
+            CausalLMOutput(loss fp32 scalar or None, logits [B, T, vocab] (None when labels are
+            given and config.fuse_linear_cross_entropy: the loss is then computed without them),
+            state or None).
         """
         self._check_input_ids(input_ids)
         if labels is not None:
