@@ -407,6 +407,9 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
     torch.manual_seed(args.seed)
     if ckpt is not None:
         model = HGRN2ForCausalLM.from_pretrained(ckpt, device=rt.device)
+        # The loss head is how this run trains, not part of the model: a checkpoint written with the
+        # other one (an earlier version, or fla's config.json) resumes with this run's.
+        model.config.fuse_linear_cross_entropy = config.fuse_linear_cross_entropy
         if model.config != config:
             parser.error(f"--resume: the checkpoint's model config differs from --preset {args.preset}'s")
     else:

@@ -110,6 +110,20 @@ def test_stopped_and_resumed_run_matches_uninterrupted(full_run, corpus, cache, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_from_a_checkpoint_of_the_logits_loss_head(full_run, corpus, cache, tmp_path):
+    """A checkpoint whose config.json has fuse_linear_cross_entropy false (written before the
+    example trained with the fused head, or by fla) resumes, exactly, with the fused head."""
+    out = tmp_path / "resumed"
+    assert train.main(tiny_args(corpus, cache, out, "--stop-at-step", "3")) == 0
+    config_path = checkpoints.latest(out) / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["fuse_linear_cross_entropy"] is True
+    config_path.write_text(json.dumps({**config, "fuse_linear_cross_entropy": False}))
+    assert train.main(tiny_args(corpus, cache, out, "--resume")) == 0
+    want = [(r["step"], r["loss"]) for r in records(full_run, "train")]
+    assert [(r["step"], r["loss"]) for r in records(out, "train")] == want
+
+
 def test_regional_compile_trains_like_eager(full_run, corpus, cache, tmp_path):
     """--compile regions (each block compiled on its own, in place): same losses as the eager run
     to fp32 rounding, and evaluation and the final sample run through the compiled blocks."""
