@@ -93,11 +93,14 @@ def _chunk_hgrn2(
     return _forward(q, g, v, initial_state, scale)
 
 
-def _backward_body(q, g, v, initial_state, do, dht, scale, states, logits=None):
-    """logits: see `chunk_hgrn2_bwd` (the Triton path only)."""
+def _kept(states, dtype):
+    """The forward's chunk states from the op's third output (raw bits), or None where none were kept."""
+    return states.view(dtype) if states is not None and states.numel() > 0 else None
+
+
+def _backward_body(q, g, v, initial_state, do, dht, scale, states):
     if _chunk.triton_supported(q, v):
-        kept = states.view(q.dtype) if states is not None and states.numel() > 0 else None
-        return _chunk.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, kept, logits)
+        return _chunk.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, _kept(states, q.dtype))
     return _chunk.chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale)
 
 
@@ -167,8 +170,8 @@ def _gated_chunk_hgrn2_bwd(
     heads, shape = _heads(q_logits, v), q_logits.shape
     if _chunk.triton_supported(q_logits.view(heads), v):  # the gates' derivative in the dq/dg kernel
         q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk._launch)
-        dq_logits, df_logits, dlb, dv, dh0 = _backward_body(
-            q.view(heads), g.view(heads), v, initial_state, do, dht, scale, states,
+        dq_logits, df_logits, dlb, dv, dh0 = _chunk.chunk_hgrn2_bwd(
+            q.view(heads), g.view(heads), v, initial_state, do, dht, scale, _kept(states, q.dtype),
             (q_logits.view(heads), f_logits.view(heads), lower_bound))
     else:
         # From [B*T, H*K] views of the logits, not the [B, T, H*K] tensors the forward read: under
