@@ -491,16 +491,13 @@ class HGRN2ForCausalLM(nn.Module):
         return CausalLMOutput(loss, logits, new_state)
 
     def _head(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if labels is not None and self.config.fuse_linear_cross_entropy:
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
-            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        logits = self.lm_head(x)  # [B, T, vocab]
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
-            )
-        return logits, loss
+        if labels is None:
+            return self.lm_head(x), None  # [B, T, vocab]
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()  # position t predicts labels[t + 1]
+        if self.config.fuse_linear_cross_entropy:
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets)
+        logits = self.lm_head(x)
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100)
 
     def compile_regions(self, **compile_kwargs: Any) -> HGRN2ForCausalLM:
         """Compiles each block and the output head (logits and loss) on its own, in place.
