@@ -33,6 +33,21 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
+
+
+class Sm90Driver:
+    """A stand-in for Triton's driver on a machine without a GPU: only what torch's analysis of
+    user kernels (and Inductor's, benchmarks/saved_activations.py) asks of it."""
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_current_device(self):
+        return 0
+
+    def is_active(self):
+        return True
+
 BIN = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 K = V = 128
 DT, PREC = tl.bfloat16, "tf32"
@@ -138,17 +153,7 @@ def writes() -> int:
     from hgrn2mini.kernels.gates import gates_triton
     from torch._higher_order_ops import triton_kernel_wrap as tkw
 
-    class Sm90:
-        def get_current_target(self):
-            return TARGET
-
-        def get_current_device(self):
-            return 0
-
-        def is_active(self):
-            return True
-
-    triton.runtime.driver.set_active(Sm90())
+    triton.runtime.driver.set_active(Sm90Driver())
     seen = {}
 
     def launch(kernel):
