@@ -16,27 +16,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from naive import gated_logits, gated_reference, rel_err  # noqa: E402
+from naive import rel_err  # noqa: E402
 from problems import Problem  # noqa: E402
-
-from hgrn2mini import gated_chunk_hgrn2  # noqa: E402
+from test_ops import gated_op_and_reference  # noqa: E402
 
 
 def errors(p: Problem) -> tuple[float, float, list[float]]:
-    dtype = torch.bfloat16
-    y, x, lb, v, h0, do, dht = gated_logits(p, "cuda")
-    y, x, v, do = (t.to(dtype).double() for t in (y, x, v, do))
-    lb = lb.float().double() if lb is not None else None
-    h0 = h0.float().double() if h0 is not None else None
-    dht = dht.float().double()
-    want, scales = gated_reference(y, x, lb, v, h0, do, dht)
-    leaves = [y.to(dtype), x.to(dtype), lb.float() if lb is not None else None, v.to(dtype),
-              h0.float() if h0 is not None else None]
-    leaves = [t.requires_grad_() if t is not None else None for t in leaves]
-    o, hT = gated_chunk_hgrn2(*leaves)
-    loss = (o.float() * do.float()).sum() + (hT * dht.float()).sum()
-    got = torch.autograd.grad(loss, leaves[1])[0].double()
-    ref, w = want[3], scales["df_logits"]
+    got, want, scales = gated_op_and_reference(p, torch.bfloat16, "cuda")
+    got, ref, w = got[3].double(), want[3], scales["df_logits"]
     top = ref.abs().flatten().argsort(descending=True)[:3]
     elementwise = ((got - ref).abs() / ref.abs()).flatten()[top].tolist()
     return rel_err(got, ref), rel_err(got / w, ref / w), elementwise

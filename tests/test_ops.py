@@ -50,9 +50,9 @@ def check_against_naive(p, dtype, device):
     assert not bad, f"relative errors over {tol} for {dtype}: {bad} ({p})"
 
 
-def check_gated_against_float64(p, dtype, device):
-    """The gated op (gates from their logits inside: on CUDA computed by the kernels as they load
-    them) against the float64 loop, with the same tolerance per dtype as the plain op."""
+def gated_op_and_reference(p, dtype, device):
+    """The gated op's 7 outputs (GATED_NAMES) on problem p with inputs in dtype, and the float64
+    loop's on the same rounded inputs, with its scales (`gated_reference`)."""
     y, x, lb, v, h0, do, dht = gated_logits(p, device)
     y, x, v, do = (t.to(dtype).double() for t in (y, x, v, do))
     lb = lb.float().double() if lb is not None else None
@@ -65,7 +65,13 @@ def check_gated_against_float64(p, dtype, device):
     loss = (o.float() * do.float()).sum() + (hT * dht.float()).sum()
     live = [t for t in leaves if t is not None]
     grads = dict(zip([id(t) for t in live], torch.autograd.grad(loss, live)))
-    got = [o, hT] + [grads[id(t)] if t is not None else None for t in leaves]
+    return [o, hT] + [grads[id(t)] if t is not None else None for t in leaves], want, scales
+
+
+def check_gated_against_float64(p, dtype, device):
+    """The gated op (gates from their logits inside: on CUDA computed by the kernels as they load
+    them) against the float64 loop, with the same tolerance per dtype as the plain op."""
+    got, want, scales = gated_op_and_reference(p, dtype, device)
     errs = gated_errors(got, want, scales, elementwise=dtype == torch.float32)
     bad = {k: e for k, e in errs.items() if not e <= TOL[dtype]}
     assert not bad, f"relative errors over {TOL[dtype]} for {dtype}: {bad} ({p})"
