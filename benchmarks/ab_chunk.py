@@ -6,7 +6,7 @@
 
 Versions: A, the file given; B, the working tree's `hgrn2mini.kernels.chunk`; and B with each
 CONFIG update of --configs. Each runs forward + backward as the op does (the forward's states
-kept), K = V = 128, bf16, kernels launched raw (not through wrap_triton, whose dispatch outside a
+kept), K = V = --dim (128), bf16, kernels launched raw (not through wrap_triton, whose dispatch outside a
 triton_op costs more than the kernels), captured once in a CUDA graph so that host overhead is
 not timed. Each round replays every version's graph under do_bench; the table gives the median
 over rounds and the median of the per-round ratios to A. On the H100 the same call's time drifts
@@ -35,6 +35,7 @@ p.add_argument("old")
 p.add_argument("--rounds", type=int, default=9)
 p.add_argument("--shapes", default="8x2048x8,2x8192x8")
 p.add_argument("--configs", default="[]")
+p.add_argument("--dim", type=int, default=128, help="K = V")
 args = p.parse_args()
 spec = importlib.util.spec_from_file_location("chunk_a", args.old)
 old = importlib.util.module_from_spec(spec)
@@ -56,7 +57,7 @@ def run(mod, cfg, q, g, v, do, s):
 def main():
     for shape in args.shapes.split(","):
         Bn, T, H = (int(x) for x in shape.split("x"))
-        K = 128
+        K = args.dim
         q, g, v = (x.detach() for x in inputs(Bn, T, H, K))
         do = torch.randn_like(v)
         s = K**-0.5

@@ -51,13 +51,15 @@ if [[ $what == check || $what == tests || $what == all ]]; then
   run long1 -m gpu tests/test_ops.py -k "long_sequence and 128-128"
   run long2 -m gpu tests/test_ops.py -k "long_sequence and 64-256"
   run long3 -m gpu tests/test_ops.py -k "long_sequence and 256-16"
+  run long4 -m gpu tests/test_ops.py -k "long_sequence and 64-64"
   run model -m gpu tests/test_model.py
   # test_kernels.py in two processes: in one it ran past the 400 s limit on the H100 (2026-11-24).
   run kernels1 tests/test_kernels.py -k "gated or gates or variants or outputs_written"
   run kernels2 tests/test_kernels.py -k "not (gated or gates or variants or outputs_written)"
   wait
   for f in "$OUT"/t_*.log; do
-    echo "== $f"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error|assert" "$f" | head -12
+    # failures first, then the summary line (a list of every PASSED line once hid it past the head)
+    echo "== $f"; grep -E "^(FAILED|ERROR)|Error|assert" "$f" | head -12; grep -E " (passed|failed|error)" "$f" | tail -n 1
   done | tee "$OUT/tests.txt"
 fi
 if [[ $what == bench || $what == all ]]; then

@@ -3,12 +3,12 @@ machine without a GPU (Triton ships ptxas and cuobjdump). A proxy for register p
 device sessions: the device's Triton may allocate differently (on 2026-11-24, Triton 3.9 here
 reported stack frames where the H100's Triton 3.6 reported no spills for the same state kernel).
 
-    python benchmarks/offline_regs.py [state] [out] [dqg] [--gated]  (K = V = 128, bf16)
+    python benchmarks/offline_regs.py [state] [out] [walk_out] [dqg] [--gated]  (K = V = 128, bf16)
     python benchmarks/offline_regs.py --check K V              (exit status: every variant compiles)
     python benchmarks/offline_regs.py --writes                 (exit status: no input reported written)
 
 --gated: the dq/dg kernel carrying the gradients through the gates (GATES, with a lower bound).
---writes: runs the gated op's kernels (the gates' kernel, forward, backward) through torch's
+--writes: runs the gated op's kernels (the gates' kernel, forward, backward; split and walk_out) through torch's
 analysis of which arguments a user kernel writes, which Inductor trusts under torch.compile (a
 kernel reported as writing an input gets wrong results compiled, right ones eagerly:
 kernels/gates.py), and prints each kernel's reported writes.
@@ -80,8 +80,12 @@ def check(K: int, V: int) -> int:
     """Compiles each variant of the kernels that take `scale` for sm_90 with scale as fp64 and as a
     constexpr; prints one line per variant, returns the number that failed."""
     common = dict(K=K, V=V, BT=64, DT=DT, PREC=PREC)
-    variants = [(C._state_kernel, dict(BS=min(K, V, 64), REVERSE=rev, HAS_H0=True, SEGMENTED=seg))
-                for rev in (False, True) for seg in (False, True)]
+    variants = [(C._state_kernel, dict(BS=min(K, V, 64), REVERSE=rev, HAS_H0=True, SEGMENTED=seg, STORE_STATES=store))
+                for rev in (False, True) for seg in (False, True) for store in (True, False) if seg or store]
+    if 32 <= K <= 128:  # where the op may launch it (`_walk_out_supported`)
+        variants += [(C._walk_out_kernel, dict(BV=min(V, 64), FAST_RANGE=60.0, REVERSE=rev, HAS_H0=True,
+                                               SEGMENTED=seg))
+                     for rev in (False, True) for seg in (False, True)]
     modes = [dict(GENERAL=False, FLAGGED=False), dict(GENERAL=True, FLAGGED=True), dict(GENERAL=True, FLAGGED=False)]
     # The out kernel joins a segmented walk's states in its first (or only) launch, never in the second.
     variants += [(C._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=dv, JOIN=join, JR=min(K, 32),
@@ -91,7 +95,8 @@ def check(K: int, V: int) -> int:
                  for m in modes]
     # Each variant both ways of typing scale; the dq/dg kernel with GATES too (scale as fp64: how
     # a variant types scale does not depend on GATES).
-    variants = [(fn, {**consts, **PLAIN}, scale) for fn, consts in variants for scale in ("fp64", "constexpr")] + [
+    variants = [(fn, {**consts, **(PLAIN if fn is C._dqg_kernel else {})}, scale) for fn, consts in variants
+                for scale in ("fp64", "constexpr")] + [
         (fn, {**consts, **GATED}, "fp64") for fn, consts in variants if fn is C._dqg_kernel]
     failed = 0
     for fn, consts, scale in variants:
@@ -100,24 +105,25 @@ def check(K: int, V: int) -> int:
         if scale == "constexpr":
             c["scale"] = 0.25
         try:
-            usage(fn, {**(GATED_ARGS if consts["GATES"] else ARGS), "scale": "fp64"}, c, 4)
+            usage(fn, {**(GATED_ARGS if consts.get("GATES") else ARGS), "scale": "fp64"}, c, 4)
             ok = "ok"
         except Exception as e:  # noqa: BLE001 - reported, counted
             failed += 1
             ok = "FAILED " + str(e).splitlines()[-1][:300]
-        flags = ("REVERSE", "SEGMENTED", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES")
+        flags = ("REVERSE", "SEGMENTED", "STORE_STATES", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES")
         print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
     return failed
 
 
 def main():
-    what = set(sys.argv[1:]) - {"--gated"} or {"state", "out", "dqg"}
+    what = set(sys.argv[1:]) - {"--gated"} or {"state", "out", "walk_out", "dqg"}
     gates = GATED if "--gated" in sys.argv else PLAIN
     ptrs = {**(GATED_ARGS if gates["GATES"] else ARGS), "scale": "fp32"}
     if "state" in what:
         for BS, warps, stages, rev, seg in [(64, 4, 3, False, False), (64, 4, 3, True, False), (32, 4, 3, False, False),
                                             (64, 4, 3, False, True), (64, 4, 3, True, True)]:
-            c = dict(K=K, V=V, BT=64, BS=BS, DT=DT, PREC=PREC, REVERSE=rev, HAS_H0=True, SEGMENTED=seg)
+            c = dict(K=K, V=V, BT=64, BS=BS, DT=DT, PREC=PREC, REVERSE=rev, HAS_H0=True, SEGMENTED=seg,
+                     STORE_STATES=True)
             print("state", dict(BS=BS, warps=warps, stages=stages, reverse=rev, segmented=seg),
                   usage(C._state_kernel, ptrs, c, warps, stages), flush=True)
         for rev in (False, True):
@@ -131,6 +137,13 @@ def main():
                      GENERAL=general, FLAGGED=general, JOIN=join, JR=32)
             print("out", dict(BK=BK, BVO=BVO, warps=warps, general=general, join=join),
                   usage(C._out_kernel, ptrs, c, warps), flush=True)
+    if "walk_out" in what:
+        for BV, warps, stages, rev in [(64, 8, 2, False), (64, 8, 1, False), (64, 4, 2, False), (128, 8, 2, False),
+                                       (64, 8, 2, True)]:
+            c = dict(K=K, V=V, BT=64, BV=BV, DT=DT, PREC=PREC, FAST_RANGE=60.0, REVERSE=rev, HAS_H0=True,
+                     SEGMENTED=False)
+            print("walk_out", dict(BV=BV, warps=warps, stages=stages, reverse=rev),
+                  usage(C._walk_out_kernel, ptrs, c, warps, stages), flush=True)
     if "dqg" in what:
         for BK, warps, general in [(64, 8, False), (32, 4, False), (32, 8, False), (16, 4, False), (64, 8, True)]:
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0,
@@ -141,6 +154,7 @@ def main():
 # What each kernel may write; anything else reported written is an input (or a wrong report).
 OUTPUTS = {"_state_kernel": {"states", "hT", "decay", "seg_decay"}, "_segment_kernel": {"h_in", "hT"},
            "_fixup_kernel": {"states"}, "_out_kernel": {"o", "flags", "states"},
+           "_walk_out_kernel": {"states", "o", "hT", "flags"},
            "_dqg_kernel": {"dq", "dg", "flags", "dlb_part"}, "_gates_kernel": {"q", "g"}}
 
 
@@ -174,9 +188,11 @@ def writes() -> int:
     C._launch = launch
     B, T, H, K, V = 1, 300, 2, 32, 32
     for lb in (None, torch.rand(H * K)):
-        for two_pass, seg in ((True, False), (False, True)):
+        for two_pass, seg, walk_out in ((True, False, False), (False, True, False), (True, False, True),
+                                        (True, True, True)):
             C.CONFIG.update(two_pass_min_dim=16 if two_pass else 10**9, min_segment_chunks=1,
-                            min_programs=10**6 if seg else 1)
+                            min_programs=10**6 if seg else 1, walk_out_min_programs=10**6 if seg else 1,
+                            walk_out=walk_out)
             y, x = torch.randn(B, T, H * K), torch.randn(B, T, H * K)
             v, do, h0 = torch.randn(B, T, H, V), torch.randn(B, T, H, V), torch.randn(B, H, K, V)
             q, g = gates_triton(y, x, lb, launch)

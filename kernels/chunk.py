@@ -179,6 +179,9 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #   _segment_kernel, _fixup_kernel: where B*H leaves SMs idle, the walk is cut into segments
 #                   walked in parallel; the decay is diagonal, so joining them is elementwise
 #                   (fixup reads and rewrites the states once).
+#   _walk_out_kernel grid (V/BV, B*H*segments): state walk and out (or DV) in one pass, the
+#                   [K, BV] state in registers: reads q, g, v; writes the states and o. Where
+#                   CONFIG / FAST say walk_out (K = V = 64 in bf16), in place of state + out.
 #   forward  = state (forward) + out;
 #   backward = state (reverse) + out (DV) + dqg, with the forward's states kept by the op
 #              (CONFIG keep_states; else the backward walks the sequence forward again first).
@@ -413,7 +416,7 @@ if triton is not None:
         T, H, scale, NSEG,  # states [B*H, NT, K, V] (out); hT [B*H, NSEG, K, V] fp32 (out)
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
         DT: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
-        SEGMENTED: tl.constexpr,
+        SEGMENTED: tl.constexpr, STORE_STATES: tl.constexpr,
     ):
         """Walks the chunks with one [BS, BS] tile of the state in fp32 registers.
 
@@ -428,6 +431,8 @@ if triton is not None:
         segment's end, and decay[n] the decay (per key channel) from the segment's start to
         states[n], seg_decay the whole segment's. `_segment_kernel` and `_fixup_kernel` add what
         came from earlier segments: the decay is diagonal, so that is decay[n] * (incoming state).
+        Not STORE_STATES (SEGMENTED only): neither states nor decay are written, only each
+        segment's end and decay: the walk before `_walk_out_kernel`, which needs only those.
         """
         ik, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
@@ -466,13 +471,15 @@ if triton is not None:
             else:
                 n = c0 + it
             t0 = n * BT
-            tl.store(states + (bh * NT + n) * K * V + state_off, h.to(states.dtype.element_ty))
+            if STORE_STATES:
+                tl.store(states + (bh * NT + n) * K * V + state_off, h.to(states.dtype.element_ty))
             gc = _load_tile(g + offk, t0, T, H * K, rows, ck)  # rows past T: g = 0 (decay 1, key 0)
             vc = _load_tile(v + offv, t0, T, H * V, rows, cv)
             b = tl.cumsum(gc, 0)
             b_last = tl.sum(gc, 0)
             if SEGMENTED:
-                tl.store(decay + (bh * NT + n) * K + ck, dcum, mask=ck + iv * K < K)  # one value tile stores it
+                if STORE_STATES:
+                    tl.store(decay + (bh * NT + n) * K + ck, dcum, mask=ck + iv * K < K)  # one value tile stores it
                 dcum = dcum * _exp(b_last)
             if REVERSE:
                 x = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale * _exp(b)
@@ -601,6 +608,122 @@ if triton is not None:
             _store_tile(o + offv, oc, t0, T, H * V, rows, cv)
             if not GENERAL:
                 tl.store(flags + pid, bad)
+
+    @triton.jit
+    def _walk_out_half(q, g, states, h, vc, A, oc, bad, offk, t0, T, H, scale, rows, ck, state_off,
+                       K: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                       FAST_RANGE: tl.constexpr, REVERSE: tl.constexpr):
+        """One chunk of `_walk_out_kernel` for the key channels ck (half of them): stores the state
+        tile h, adds this half's terms to A and to the output, returns the state tile walked past the
+        chunk. The whole-chunk factors (`_whole`) are kept in fp32, qe = qs exp(b - m) and
+        ke = k exp(m - b); times exp(m) they are the decays from the chunk start and to its end."""
+        tl.store(states + state_off, h.to(states.dtype.element_ty))
+        qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
+        gc = _load_tile(g + offk, t0, T, H * K, rows, ck)  # rows past T: g = 0 (decay 1, key 0)
+        b_last = tl.sum(gc, 0)
+        k = -_expm1(gc)
+        A += tl.where(rows[:, None] == rows[None, :], tl.sum(qs * k, 1)[:, None], 0.0)
+        ref = 0.5 * b_last[None, :]
+        b = tl.cumsum(gc, 0)
+        qe = qs * _exp(b - ref)
+        ke = k * _exp(ref - b)
+        half = _exp(ref)
+        A += tl.where(rows[:, None] > rows[None, :], tl.dot(qe.to(DT), tl.trans(ke.to(DT)), input_precision=PREC), 0.0)
+        bad_here = _bad(b_last, FAST_RANGE)
+        if bad_here != 0:  # the factors left their range: the decays directly, every exponent <= 0 (o is redone)
+            qe = qs * _exp(b)
+            ke = k * _exp(b_last[None, :] - b)
+            half = tl.full([1, ck.shape[0]], 1.0, dtype=tl.float32)
+        if REVERSE:
+            oc += tl.dot((ke * half).to(DT), h.to(DT), input_precision=PREC)
+            x = qe * half
+        else:
+            oc += tl.dot((qe * half).to(DT), h.to(DT), input_precision=PREC)
+            x = ke * half
+        h = _exp(b_last)[:, None] * h + tl.dot(tl.trans(x.to(DT)), vc, input_precision=PREC)
+        return h, A, oc, tl.maximum(bad, bad_here)
+
+    @triton.jit
+    def _walk_out_kernel(
+        q, g, v, h0, h_in, states, o, hT, flags,  # q, g [B, T, H, K]; v, o [B, T, H, V]; h0 [B*H, K, V] fp32
+        T, H, scale, NSEG,  # h_in [B*H, NSEG, K, V] fp32; states [B*H, NT, K, V] (out); flags as _out_kernel's
+        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+        DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_H0: tl.constexpr, SEGMENTED: tl.constexpr,
+    ):
+        """The state walk and the out kernel in one pass: one program per head, BV value channels
+        (and segment), holding the [K, BV] fp32 state in registers across the chunks, as two tiles
+        of K / 2 rows (`_walk_out_half`; whole [BT, K] tiles spilled).
+
+        forward:  o  = (scale q exp(b)) @ h_start + A @ v;    h <- exp(b_last) h + (k exp(b_last - b))^T v
+        REVERSE:  dv = (k exp(b_last - b)) @ dh_end + A^T @ do; dh <- exp(b_last) dh + (scale q exp(b))^T do
+        (v is do, o is dv), walking from the last chunk. Each chunk's state (start state, or end
+        gradient) is stored for the kernels after it, the final one to hT.
+
+        What it reads and writes: q, g and v once per value block, o once, the states once; against
+        `_state_kernel` + `_out_kernel` the states are not read back and q, g not read a second
+        time. Whole-chunk in-chunk path only: a chunk decaying by more than e^120 in some channel
+        gets a flag and its output is redone by `_out_kernel` (GENERAL, FLAGGED), which reads the
+        states stored here. The state update itself stays exact there: its decays are evaluated
+        directly (every exponent <= 0).
+
+        SEGMENTED: the segments are walked in parallel, each from the state entering it (h_in,
+        from `_state_kernel` (not STORE_STATES) and `_segment_kernel`; h0 added for the segment
+        walked first), so every state stored is global; hT comes from `_segment_kernel`.
+        """
+        iv, pid = tl.program_id(0), tl.program_id(1)
+        NT = tl.cdiv(T, BT)
+        bh = pid // NSEG
+        seg = pid % NSEG
+        per = tl.cdiv(NT, NSEG)
+        c0 = seg * per
+        c1 = tl.minimum(c0 + per, NT)
+        # Inductor passes Python floats as fp64 scalars (or constexprs): keep every tile fp32.
+        scale = tl.cast(scale, tl.float32)
+        rows = tl.arange(0, BT)
+        ck_lo = tl.arange(0, K // 2)
+        ck_hi = K // 2 + tl.arange(0, K // 2)
+        cv = iv * BV + tl.arange(0, BV)
+        offk, offv = _head(bh, T, H, K, V)
+        off_lo = ck_lo[:, None] * V + cv[None, :]
+        off_hi = ck_hi[:, None] * V + cv[None, :]
+        if SEGMENTED:
+            h_lo = tl.load(h_in + (bh * NSEG + seg) * K * V + off_lo)
+            h_hi = tl.load(h_in + (bh * NSEG + seg) * K * V + off_hi)
+        else:
+            h_lo = tl.zeros([K // 2, BV], dtype=tl.float32)
+            h_hi = tl.zeros([K // 2, BV], dtype=tl.float32)
+        if HAS_H0:
+            if REVERSE:
+                first = NSEG - 1
+            else:
+                first = 0
+            h_lo += tl.where(seg == first, tl.load(h0 + bh * K * V + off_lo), 0.0)
+            h_hi += tl.where(seg == first, tl.load(h0 + bh * K * V + off_hi), 0.0)
+        for it in range(0, c1 - c0):
+            if REVERSE:
+                n = c1 - 1 - it
+            else:
+                n = c0 + it
+            t0 = n * BT
+            st = states + (bh * NT + n) * K * V
+            vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
+            A = tl.zeros([BT, BT], dtype=tl.float32)
+            oc = tl.zeros([BT, BV], dtype=tl.float32)
+            bad = tl.zeros([], dtype=tl.int8)
+            h_lo, A, oc, bad = _walk_out_half(q, g, st, h_lo, vc, A, oc, bad, offk, t0, T, H, scale, rows, ck_lo,
+                                              off_lo, K, BT, DT, PREC, FAST_RANGE, REVERSE)
+            h_hi, A, oc, bad = _walk_out_half(q, g, st, h_hi, vc, A, oc, bad, offk, t0, T, H, scale, rows, ck_hi,
+                                              off_hi, K, BT, DT, PREC, FAST_RANGE, REVERSE)
+            if REVERSE:
+                oc += tl.dot(tl.trans(A.to(DT)), vc, input_precision=PREC)
+            else:
+                oc += tl.dot(A.to(DT), vc, input_precision=PREC)
+            _store_tile(o + offv, oc, t0, T, H * V, rows, cv)
+            tl.store(flags + (bh * NT + n) * (V // BV) + iv, bad)
+        if not SEGMENTED:
+            tl.store(hT + bh * K * V + off_lo, h_lo)
+            tl.store(hT + bh * K * V + off_hi, h_hi)
 
     @triton.jit
     def _dqg_kernel(
@@ -745,8 +868,17 @@ CONFIG = {
     # every path: the two-launch kernels faulted (illegal address) at K = 32 and 64 with V = 16
     # on the H100 with Triton 3.6 (2026-11-24).
     "two_pass_min_dim": 64,
+    # The state walk and the out / dv kernel as one pass (`_walk_out_kernel`, `_walk_out_supported`):
+    # value blocks of walk_out_bv channels, segments (as above) up to walk_out_min_programs programs.
+    # Off by default, on where FAST says: one program walks every chunk of its head, so the chunk's
+    # in-chunk work is on its sequential path, with B*H*V/BV programs (not B*H*chunks) to hide it.
+    # That was 1.21x faster fwd+bwd at K = V = 64 (8 x 2048 x 16: 0.827 against 1.001 ms) and
+    # 1.38x slower at K = V = 128 (8 x 2048 x 8: 1.231 against 0.893 ms; the kernel spills there,
+    # and A is built once per value block), H100 2026-11-24, benchmarks/RESULTS.md.
+    "walk_out": False, "walk_out_bv": 64, "walk_out_warps": 8, "walk_out_stages": 2, "walk_out_min_programs": 128,
 }
-FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 8}}
+FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 8},
+        (64, 64, torch.bfloat16): {"walk_out": True, "walk_out_warps": 4}}
 
 
 def _cfg(q: torch.Tensor, v: torch.Tensor, key: str):
@@ -757,48 +889,105 @@ def _cfg(q: torch.Tensor, v: torch.Tensor, key: str):
     return CONFIG[key]
 
 
-def _run_states(q, g, x, h0, reverse, scale, join_later=False):
+def _segments(programs: int, NT: int, min_programs: int) -> int:
+    """How many segments to cut each head's walk into: doubling, up to CONFIG max_segments, while
+    the programs stay under min_programs and each segment keeps min_segment_chunks chunks."""
+    nseg = 1
+    while (nseg * 2 <= CONFIG["max_segments"] and programs * nseg < min_programs
+           and NT >= 2 * nseg * CONFIG["min_segment_chunks"]):
+        nseg *= 2
+    return nseg
+
+
+def _run_states(q, g, x, h0, reverse, scale, join_later=False, nseg=None):
     """Chunk-start states (or chunk-end state gradients), [B*H, NT, K, V] in q's dtype, the final
     state (or d initial state), fp32, and the join: where the walk was segmented and join_later,
     (decay, h_in, nseg) for the out kernel to make the states global as it reads them (JOIN),
-    else False (the states are global already)."""
+    else False (the states are global already).
+
+    nseg given (> 1): only each segment's end is walked, no state stored; returns (h_in, the final
+    state), the state entering each segment [B*H, nseg, K, V] fp32 (zero for the segment walked
+    first), for `_walk_out_kernel`."""
     B, T, H, K = q.shape
     V = x.shape[-1]
     NT = triton.cdiv(T, _BT)
     DT, PREC, _ = _dot_config(q.dtype)
     dev = q.device
-    states = torch.empty(B * H, NT, K, V, device=dev, dtype=q.dtype)
+    store = nseg is None
+    states = torch.empty(B * H, NT, K, V, device=dev, dtype=q.dtype) if store else q
     hT = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
     # The walk is latency-bound per program: where B * H alone leaves SMs idle, cut the sequence
     # into segments walked in parallel (CONFIG max_segments) and then use smaller state tiles.
     # State tiles with BK < BV faulted on the H100 with Triton 3.6: square tiles only.
     BS = min(K, V, CONFIG["state_bs"])
-    tiles = (K // BS) * (V // BS) * B * H
-    nseg = 1
-    while (nseg * 2 <= CONFIG["max_segments"] and tiles * nseg < CONFIG["min_programs"]
-           and NT >= 2 * nseg * CONFIG["min_segment_chunks"]):
-        nseg *= 2
+    if store:
+        nseg = _segments((K // BS) * (V // BS) * B * H, NT, CONFIG["min_programs"])
     while BS > 16 and (K // BS) * (V // BS) * B * H * nseg < CONFIG["min_programs"]:
         BS //= 2
     grid = (K // BS, V // BS, B * H * nseg)
     common = dict(K=K, V=V, BT=_BT, BS=BS, DT=DT, PREC=PREC, REVERSE=reverse, HAS_H0=h0 is not None,
-                  num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])
+                  STORE_STATES=store, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])
     h0_ = h0 if h0 is not None else hT
     if nseg == 1:
         _launch(_state_kernel)[grid](q, g, x, h0_, states, hT, hT, hT, T, H, scale, 1, SEGMENTED=False, **common)
         return states, hT, False
     seg_end = torch.empty(B * H, nseg, K, V, device=dev, dtype=torch.float32)
     h_in = torch.empty_like(seg_end)
-    decay = torch.empty(B * H, NT, K, device=dev, dtype=torch.float32)
+    decay = torch.empty(B * H, NT, K, device=dev, dtype=torch.float32) if store else seg_end
     seg_decay = torch.empty(B * H, nseg, K, device=dev, dtype=torch.float32)
     _launch(_state_kernel)[grid](q, g, x, h0_, states, seg_end, decay, seg_decay, T, H, scale, nseg,
                                  SEGMENTED=True, **common)
     _launch(_segment_kernel)[(K // BS, V // BS, B * H)](seg_end, seg_decay, h_in, hT, nseg, K=K, V=V, BS=BS,
                                                         REVERSE=reverse)
+    if not store:
+        return h_in, hT
     if join_later:
         return states, hT, (decay, h_in, nseg)
     _launch(_fixup_kernel)[(NT, B * H, (K // BS) * (V // BS))](states, decay, h_in, T, nseg, K=K, V=V, BT=_BT, BS=BS)
     return states, hT, False
+
+
+def _walk_out_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the state walk and the out (or dv) kernel run as one pass (`_walk_out_kernel`):
+    where CONFIG (or FAST, per shape) says walk_out, K up to 128 (its state as two [K / 2, BV]
+    tiles; a matmul needs K / 2 >= 16 on the GPU), K and V at least CONFIG two_pass_min_dim (its
+    chunks decaying past e^120 are redone by the two-launch out kernel)."""
+    K, V = q.shape[-1], v.shape[-1]
+    return (_cfg(q, v, "walk_out") and (K >= 32 or _INTERPRETING) and K <= 128
+            and min(K, V) >= CONFIG["two_pass_min_dim"])
+
+
+def _run_walk_out(q, g, x, h0, reverse, scale):
+    """The states (or their gradients) and o (or dv, x being do) in one pass; returns (states,
+    final state (or d initial state), o (or dv)) as `_run_states` and `_run_out` would."""
+    B, T, H, K = q.shape
+    V = x.shape[-1]
+    NT = triton.cdiv(T, _BT)
+    DT, PREC, _ = _dot_config(q.dtype)
+    BV = min(V, _cfg(q, x, "walk_out_bv"))
+    nseg = _segments((V // BV) * B * H, NT, CONFIG["walk_out_min_programs"])
+    states = torch.empty(B * H, NT, K, V, device=q.device, dtype=q.dtype)
+    out = torch.empty_like(x)
+    flags = torch.empty((V // BV) * NT * B * H, device=q.device, dtype=torch.int8)
+    if nseg > 1:
+        h_in, hT = _run_states(q, g, x, h0, reverse, scale, nseg=nseg)
+    else:
+        hT = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+        h_in = hT  # not read
+    _launch(_walk_out_kernel)[(V // BV, B * H * nseg)](
+        q, g, x, h0 if h0 is not None else hT, h_in, states, out, hT, flags, T, H, scale, nseg,
+        K=K, V=V, BT=_BT, BV=BV, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, REVERSE=reverse,
+        HAS_H0=h0 is not None, SEGMENTED=nseg > 1,
+        num_warps=_cfg(q, x, "walk_out_warps"), num_stages=CONFIG["walk_out_stages"],
+    )
+    # The chunks flagged above again, every in-chunk path, from the states stored (global).
+    _launch(_out_kernel)[(V // BV, NT, B * H)](
+        q, g, x, states, out, T, H, scale, flags, q, q, 1,
+        K=K, V=V, BT=_BT, BC=_BC, BK=min(K, _cfg(q, x, "out_bk")), BVO=BV, DT=DT, PREC=PREC,
+        FAST_RANGE=_FAST_RANGE, DV=reverse, GENERAL=True, FLAGGED=True, JOIN=False, JR=min(32, K),
+        num_warps=_cfg(q, x, "out_warps"), num_stages=CONFIG["out_stages"],
+    )
+    return states, hT, out
 
 
 def _run_out(q, g, v, states, scale, dv, join):
@@ -827,6 +1016,9 @@ def chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale):
     instead of walking the sequence again."""
     q, g, v = q.contiguous(), g.contiguous(), v.contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
+    if _walk_out_supported(q, v):
+        states, hT, o = _run_walk_out(q, g, v, h0, False, scale)
+        return o, hT, states
     states, hT, join = _run_states(q, g, v, h0, False, scale, join_later=True)
     return _run_out(q, g, v, states, scale, False, join), hT, states
 
@@ -853,9 +1045,12 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=
     DT, PREC, PREC32 = _dot_config(q.dtype)
     if states is None:
         states, _, _ = _run_states(q, g, v, h0, False, scale)
-    dstates, dh0, join = _run_states(q, g, do, dht.contiguous() if dht is not None else None, True, scale,
-                                     join_later=True)
-    dv = _run_out(q, g, do, dstates, scale, True, join)
+    dht = dht.contiguous() if dht is not None else None
+    if _walk_out_supported(q, v):
+        dstates, dh0, dv = _run_walk_out(q, g, do, dht, True, scale)
+    else:
+        dstates, dh0, join = _run_states(q, g, do, dht, True, scale, join_later=True)
+        dv = _run_out(q, g, do, dstates, scale, True, join)
     # Without logits never read: any input stands in (never an output).
     q_logits, f_logits, lower_bound = logits if logits is not None else (q, q, None)
     q_logits, f_logits = q_logits.contiguous(), f_logits.contiguous()
