@@ -203,8 +203,8 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # e^120) in a second launch that takes every path (`_launch_chunks`).
 #
 # Measured (H100, Triton 3.6, 2026-11-24, benchmarks/RESULTS.md), GPU time: bf16 B=8 T=2048 H=8
-# K=V=128, 0.27 ms forward and 0.935 ms forward+backward (fla's chunk_gla 0.435 / 1.724 in the
-# same run; 1.65x to 2.18x over the benchmark shapes); per kernel, dq/dg 0.40, out + dv 0.29, both
+# K=V=128, 0.273 ms forward and 0.927 ms forward+backward (fla's chunk_gla 0.434 / 1.735 in the
+# same run; 1.78x to 2.70x over the benchmark shapes); per kernel, dq/dg 0.39, out + dv 0.29, both
 # state walks 0.23. Every kernel is register-bound (255 registers per thread; at 8 warps the dq/dg
 # kernel fits one program per SM, so its loads are not hidden behind another program's math) and
 # issues mostly elementwise fp32 work (Nsight Compute: ~1.2 instructions per cycle, FMUL/FADD/FFMA
