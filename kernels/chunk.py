@@ -410,6 +410,24 @@ if triton is not None:
         return dq, dk_h, dk
 
     @triton.jit
+    def _segment(pid, NT, NSEG):
+        """Head, segment and chunk range [c0, c1) of program pid where each head's chunks are cut
+        into NSEG segments walked in parallel (NSEG = 1: the whole sequence)."""
+        per = tl.cdiv(NT, NSEG)
+        seg = pid % NSEG
+        c0 = seg * per
+        return pid // NSEG, seg, c0, tl.minimum(c0 + per, NT)
+
+    @triton.jit
+    def _walk_order(it, c0, c1, REVERSE: tl.constexpr):
+        """The chunk a walk reaches at step it, and the segment it starts in: from c0 up and the
+        first segment, or from c1 - 1 down and the last (REVERSE)."""
+        if REVERSE:
+            return c1 - 1 - it
+        else:
+            return c0 + it
+
+    @triton.jit
     def _state_kernel(
         q, g, v, h0, states, hT,  # q, g [B, T, H, K]; v (or do) [B, T, H, V]; h0 [B, H, K, V] fp32
         decay, seg_decay,  # SEGMENTED only: [B*H, NT, K], [B*H, NSEG, K] fp32 (out)
@@ -436,17 +454,7 @@ if triton is not None:
         """
         ik, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
-        if SEGMENTED:
-            bh = pid // NSEG
-            seg = pid % NSEG
-            per = tl.cdiv(NT, NSEG)
-            c0 = seg * per
-            c1 = tl.minimum(c0 + per, NT)
-        else:
-            bh = pid
-            seg = 0
-            c0 = 0
-            c1 = NT
+        bh, seg, c0, c1 = _segment(pid, NT, NSEG)  # NSEG = 1 unless SEGMENTED
         # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
         scale = tl.cast(scale, tl.float32)
         rows = tl.arange(0, BT)
@@ -457,19 +465,13 @@ if triton is not None:
         if HAS_H0:
             h = tl.load(h0 + bh * K * V + state_off)
             if SEGMENTED:  # only the segment walked first starts from h0
-                if REVERSE:
-                    h = tl.where(seg == NSEG - 1, h, 0.0)
-                else:
-                    h = tl.where(seg == 0, h, 0.0)
+                h = tl.where(seg == _walk_order(0, 0, NSEG, REVERSE), h, 0.0)
         else:
             h = tl.zeros([BS, BS], dtype=tl.float32)
         if SEGMENTED:
             dcum = tl.full([BS], 1.0, dtype=tl.float32)
         for it in range(0, c1 - c0):
-            if REVERSE:
-                n = c1 - 1 - it
-            else:
-                n = c0 + it
+            n = _walk_order(it, c0, c1, REVERSE)
             t0 = n * BT
             if STORE_STATES:
                 tl.store(states + (bh * NT + n) * K * V + state_off, h.to(states.dtype.element_ty))
@@ -502,10 +504,7 @@ if triton is not None:
         state_off = ck[:, None] * V + cv[None, :]
         h = tl.zeros([BS, BS], dtype=tl.float32)
         for it in range(0, NSEG):
-            if REVERSE:
-                s = NSEG - 1 - it
-            else:
-                s = it
+            s = _walk_order(it, 0, NSEG, REVERSE)
             tl.store(h_in + (bh * NSEG + s) * K * V + state_off, h)
             d = tl.load(seg_decay + (bh * NSEG + s) * K + ck)
             h = d[:, None] * h + tl.load(seg_end + (bh * NSEG + s) * K * V + state_off)
@@ -673,11 +672,7 @@ if triton is not None:
         """
         iv, pid = tl.program_id(0), tl.program_id(1)
         NT = tl.cdiv(T, BT)
-        bh = pid // NSEG
-        seg = pid % NSEG
-        per = tl.cdiv(NT, NSEG)
-        c0 = seg * per
-        c1 = tl.minimum(c0 + per, NT)
+        bh, seg, c0, c1 = _segment(pid, NT, NSEG)
         # Inductor passes Python floats as fp64 scalars (or constexprs): keep every tile fp32.
         scale = tl.cast(scale, tl.float32)
         rows = tl.arange(0, BT)
@@ -693,18 +688,12 @@ if triton is not None:
         else:
             h_lo = tl.zeros([K // 2, BV], dtype=tl.float32)
             h_hi = tl.zeros([K // 2, BV], dtype=tl.float32)
-        if HAS_H0:
-            if REVERSE:
-                first = NSEG - 1
-            else:
-                first = 0
+        if HAS_H0:  # the segment walked first starts from h0 as well
+            first = _walk_order(0, 0, NSEG, REVERSE)
             h_lo += tl.where(seg == first, tl.load(h0 + bh * K * V + off_lo), 0.0)
             h_hi += tl.where(seg == first, tl.load(h0 + bh * K * V + off_hi), 0.0)
         for it in range(0, c1 - c0):
-            if REVERSE:
-                n = c1 - 1 - it
-            else:
-                n = c0 + it
+            n = _walk_order(it, c0, c1, REVERSE)
             t0 = n * BT
             st = states + (bh * NT + n) * K * V
             vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
