@@ -863,8 +863,10 @@ CONFIG = {
     # in-chunk work is on its sequential path, with B*H*V/BV programs (not B*H*chunks) to hide it.
     # That was 1.21x faster fwd+bwd at K = V = 64 (8 x 2048 x 16: 0.827 against 1.001 ms) and
     # 1.38x slower at K = V = 128 (8 x 2048 x 8: 1.231 against 0.893 ms; the kernel spills there,
-    # and A is built once per value block), H100 2026-11-24, benchmarks/RESULTS.md.
-    "walk_out": False, "walk_out_bv": 64, "walk_out_warps": 8, "walk_out_stages": 2, "walk_out_min_programs": 128,
+    # and A is built once per value block), H100 2026-11-24, benchmarks/RESULTS.md. Segments up
+    # to 256 programs (two 4-warp programs per SM at K = 64): at 2 x 8192 x 16, K = 64, 0.853 ms
+    # against 1.094 with 128; at 8 x 2048 x 16, 0.820 against 0.830 (512: 0.859).
+    "walk_out": False, "walk_out_bv": 64, "walk_out_warps": 8, "walk_out_stages": 2, "walk_out_min_programs": 256,
 }
 FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 8},
         (64, 64, torch.bfloat16): {"walk_out": True, "walk_out_warps": 4}}
