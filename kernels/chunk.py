@@ -869,7 +869,8 @@ CONFIG = {
     "walk_out": False, "walk_out_bv": 64, "walk_out_warps": 8, "walk_out_stages": 2, "walk_out_min_programs": 256,
 }
 FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 8},
-        (64, 64, torch.bfloat16): {"walk_out": True, "walk_out_warps": 4}}
+        # dq/dg in one 4-warp program a chunk: 0.339 against 0.366 ms at 8 x 2048 x 16 (H100, 2026-11-24)
+        (64, 64, torch.bfloat16): {"walk_out": True, "walk_out_warps": 4, "dqg_bk": 64, "dqg_warps": 4}}
 
 
 def _cfg(q: torch.Tensor, v: torch.Tensor, key: str):
