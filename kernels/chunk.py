@@ -809,14 +809,19 @@ def _launch(kernel):
     return kernel if _INTERPRETING else wrap_triton(kernel)
 
 
-def _launch_chunks(kernel, grid, *args, JOIN=None, **meta):
+def _launch_chunks(kernel, grid, *args, JOIN=None, flags=None, **meta):
     """Launches the out or dq/dg kernel over its grid: where K and V are at least
     CONFIG["two_pass_min_dim"], as its whole-chunk variant and then its GENERAL, FLAGGED variant,
     which redoes the programs the first flagged (chunks decaying by more than e^120) and returns
     elsewhere; else once, GENERAL for every program. JOIN (the out kernel's; None for dq/dg)
-    goes to the first launch only: the states it joins are global for the second."""
-    flags = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
+    goes to the first launch only: the states it joins are global for the second. flags given:
+    another kernel did the first variant's work and flagged (`_walk_out_kernel`); only the
+    second launch runs."""
     join = {} if JOIN is None else {"JOIN": JOIN}
+    if flags is not None:
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=True, **{k: False for k in join}, **meta)
+        return
+    flags = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
     if min(meta["K"], meta["V"]) >= CONFIG["two_pass_min_dim"]:
         _launch(kernel)[grid](*args, flags=flags, GENERAL=False, FLAGGED=False, **join, **meta)
         _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=True, **{k: False for k in join}, **meta)
@@ -973,29 +978,25 @@ def _run_walk_out(q, g, x, h0, reverse, scale):
         num_warps=_cfg(q, x, "walk_out_warps"), num_stages=CONFIG["walk_out_stages"],
     )
     # The chunks flagged above again, every in-chunk path, from the states stored (global).
-    _launch(_out_kernel)[(V // BV, NT, B * H)](
-        q, g, x, states, out, T, H, scale, flags, q, q, 1,
-        K=K, V=V, BT=_BT, BC=_BC, BK=min(K, _cfg(q, x, "out_bk")), BVO=BV, DT=DT, PREC=PREC,
-        FAST_RANGE=_FAST_RANGE, DV=reverse, GENERAL=True, FLAGGED=True, JOIN=False, JR=min(32, K),
-        num_warps=_cfg(q, x, "out_warps"), num_stages=CONFIG["out_stages"],
-    )
+    _run_out(q, g, x, states, scale, reverse, False, redo=(out, flags, BV))
     return states, hT, out
 
 
-def _run_out(q, g, v, states, scale, dv, join):
+def _run_out(q, g, v, states, scale, dv, join, redo=None):
     """o (or dv, from do and the state gradients) through _out_kernel; join as `_run_states`
-    returns it (a segmented walk's states are made global here, in place)."""
+    returns it (a segmented walk's states are made global here, in place). redo: (out, flags,
+    value block) of `_walk_out_kernel`, whose flagged chunks are computed again into out."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     DT, PREC, _ = _dot_config(q.dtype)
-    out = torch.empty_like(v)
-    BK, BVO = min(K, _cfg(q, v, "out_bk")), min(V, CONFIG["out_bv"])
+    out, flags, BVO = redo if redo is not None else (torch.empty_like(v), None, min(V, CONFIG["out_bv"]))
+    BK = min(K, _cfg(q, v, "out_bk"))
     decay, h_in, nseg = join if join else (q, q, 1)  # without a join never read: any input (not an output)
     _launch_chunks(
         _out_kernel, (V // BVO, triton.cdiv(T, _BT), B * H), q, g, v, states, out, T, H, scale,
         # Slices of 32 rows: 16-row slices in a loop, not unrolled, made the out kernel ~0.05 ms
         # slower than the fixup kernel the join replaces (H100, 2026-11-24).
-        decay=decay, h_in=h_in, NSEG=nseg, JOIN=bool(join), JR=min(32, K),
+        decay=decay, h_in=h_in, NSEG=nseg, JOIN=bool(join), JR=min(32, K), flags=flags,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, DV=dv,
         num_warps=_cfg(q, v, "out_warps"), num_stages=CONFIG["out_stages"],
     )
