@@ -209,7 +209,10 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # kernel fits one program per SM, so its loads are not hidden behind another program's math) and
 # issues mostly elementwise fp32 work (Nsight Compute: ~1.2 instructions per cycle, FMUL/FADD/FFMA
 # the largest share). By bytes moved (g fp32 and the states dominate) this design needs ~0.5 ms
-# forward+backward even at full bandwidth.
+# forward+backward even at full bandwidth. Trading either way was slower on the H100 (2026-11-24,
+# benchmarks/RESULTS.md, ninth session): a register cap for two programs per SM spills (dq/dg
+# 0.49 ms at 128 registers), and one backward kernel a chunk (dq/dg and dv, ~200 MB less traffic)
+# spills (2.2 KB a thread, compiled offline) and took 1.10 ms against 0.39 + 0.15.
 # ---------------------------------------------------------------------------------------------
 
 try:
