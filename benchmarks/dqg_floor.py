@@ -32,12 +32,10 @@ def floor(q, g, v, do, states, dstates, dq, dg, T, H, K: tl.constexpr, V: tl.con
           BK: tl.constexpr, BV: tl.constexpr, DOTS: tl.constexpr, CUMSUM: tl.constexpr):
     ik, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.cdiv(T, BT)
-    t0 = n * BT
-    rows = tl.arange(0, BT)
-    ck = ik * BK + tl.arange(0, BK)
+    t0, rows, ck = n * BT, tl.arange(0, BT), ik * BK + tl.arange(0, BK)
     offk, offv = _head(bh, T, H, K, V)
-    st = states + (bh * NT + n) * K * V
-    dst = dstates + (bh * NT + n) * K * V
+    chunk = (bh * NT + n) * K * V  # this chunk's state and state gradient
+    st, dst = states + chunk, dstates + chunk
     a = tl.zeros([BT, BK], dtype=tl.float32)
     b = tl.zeros([BT, BK], dtype=tl.float32)
     dA = tl.zeros([BT, BT], dtype=tl.float32)
