@@ -78,16 +78,15 @@ def main():
     grid = (K // 64, NT, B * H)
     flags = torch.empty(grid[0] * grid[1] * grid[2], device="cuda", dtype=torch.int8)
     lbp = torch.empty(0, H * K, device="cuda")
+    def stand_in(dots, cumsum):
+        return lambda: floor[grid](q, g, v, do, states, dstates, dq, dg, T, H, K=K, V=V, BT=64, BK=64, BV=64,
+                                   DOTS=dots, CUMSUM=cumsum, num_warps=8)
+
     runs = {
-        "loads only": lambda: floor[grid](q, g, v, do, states, dstates, dq, dg, T, H, K=K, V=V, BT=64, BK=64, BV=64,
-                                          DOTS=False, CUMSUM=0, num_warps=8),
-        "loads + 3 matmuls": lambda: floor[grid](q, g, v, do, states, dstates, dq, dg, T, H, K=K, V=V, BT=64, BK=64,
-                                                 BV=64, DOTS=True, CUMSUM=0, num_warps=8),
-        "loads + 3 matmuls + 2 cumsums": lambda: floor[grid](q, g, v, do, states, dstates, dq, dg, T, H, K=K, V=V,
-                                                             BT=64, BK=64, BV=64, DOTS=True, CUMSUM=1, num_warps=8),
-        "loads + 3 matmuls + 2 triangle matmul sums": lambda: floor[grid](
-            q, g, v, do, states, dstates, dq, dg, T, H, K=K, V=V, BT=64, BK=64, BV=64, DOTS=True, CUMSUM=2,
-            num_warps=8),
+        "loads only": stand_in(False, 0),
+        "loads + 3 matmuls": stand_in(True, 0),
+        "loads + 3 matmuls + 2 cumsums": stand_in(True, 1),
+        "loads + 3 matmuls + 2 triangle matmul sums": stand_in(True, 2),
         "dq/dg kernel": lambda: C._dqg_kernel[grid](
             q, g, v, do, states, dstates, dq, dg, T, H, K**-0.5, flags, q_logits=q, f_logits=q, lb=q, dlb_part=lbp,
             K=K, V=V, BT=64, BC=16, BK=64, BV=64, DT=tl.bfloat16, PREC="tf32", PREC32="tf32", FAST_RANGE=60.0,

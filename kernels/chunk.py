@@ -618,7 +618,10 @@ if triton is not None:
         """One chunk of `_walk_out_kernel` for the key channels ck (half of them): stores the state
         tile h, adds this half's terms to A and to the output, returns the state tile walked past the
         chunk. The whole-chunk factors (`_whole`) are kept in fp32, qe = qs exp(b - m) and
-        ke = k exp(m - b); times exp(m) they are the decays from the chunk start and to its end."""
+        ke = k exp(m - b); times exp(m) they are the decays from the chunk start and to its end.
+        This is `_pairs_A`'s whole-chunk path written out: calling it (which keeps start = eq * half
+        and end = ek * half as tiles) was 2-3% slower fwd+bwd at K = V = 64 (H100, 2026-11-24,
+        benchmarks/data/2026-11-24i_ab_walk_out_pairs_A.txt)."""
         tl.store(states + state_off, h.to(states.dtype.element_ty))
         qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
         gc = _load_tile(g + offk, t0, T, H * K, rows, ck)  # rows past T: g = 0 (decay 1, key 0)
