@@ -80,8 +80,10 @@ def check(K: int, V: int) -> int:
     """Compiles each variant of the kernels that take `scale` for sm_90 with scale as fp64 and as a
     constexpr; prints one line per variant, returns the number that failed."""
     common = dict(K=K, V=V, BT=64, DT=DT, PREC=PREC)
-    variants = [(C._state_kernel, dict(BS=min(K, V, 64), REVERSE=rev, HAS_H0=True, SEGMENTED=seg, STORE_STATES=store))
-                for rev in (False, True) for seg in (False, True) for store in (True, False) if seg or store]
+    variants = [(C._state_kernel, dict(BS=min(K, V, 64), REVERSE=rev, HAS_H0=True, SEGMENTED=seg, STORE_STATES=store,
+                                       PAIR=pair))
+                for rev in (False, True) for seg in (False, True) for store in (True, False) if seg or store
+                for pair in (False, True)]
     if 32 <= K <= 128:  # where the op may launch it (`_walk_out_supported`)
         variants += [(C._walk_out_kernel, dict(BV=min(V, 64), FAST_RANGE=60.0, REVERSE=rev, HAS_H0=True,
                                                SEGMENTED=seg))
@@ -110,7 +112,7 @@ def check(K: int, V: int) -> int:
         except Exception as e:  # noqa: BLE001 - reported, counted
             failed += 1
             ok = "FAILED " + str(e).splitlines()[-1][:300]
-        flags = ("REVERSE", "SEGMENTED", "STORE_STATES", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES")
+        flags = ("REVERSE", "SEGMENTED", "STORE_STATES", "PAIR", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES")
         print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
     return failed
 
@@ -120,11 +122,12 @@ def main():
     gates = GATED if "--gated" in sys.argv else PLAIN
     ptrs = {**(GATED_ARGS if gates["GATES"] else ARGS), "scale": "fp32"}
     if "state" in what:
-        for BS, warps, stages, rev, seg in [(64, 4, 3, False, False), (64, 4, 3, True, False), (32, 4, 3, False, False),
-                                            (64, 4, 3, False, True), (64, 4, 3, True, True)]:
+        for BS, warps, stages, rev, seg, pair in [(64, 4, 3, False, False, True), (64, 4, 3, True, False, True),
+                                                  (64, 4, 3, False, False, False), (32, 4, 3, False, False, True),
+                                                  (64, 4, 3, False, True, True), (64, 4, 3, True, True, True)]:
             c = dict(K=K, V=V, BT=64, BS=BS, DT=DT, PREC=PREC, REVERSE=rev, HAS_H0=True, SEGMENTED=seg,
-                     STORE_STATES=True)
-            print("state", dict(BS=BS, warps=warps, stages=stages, reverse=rev, segmented=seg),
+                     STORE_STATES=True, PAIR=pair)
+            print("state", dict(BS=BS, warps=warps, stages=stages, reverse=rev, segmented=seg, pair=pair),
                   usage(C._state_kernel, ptrs, c, warps, stages), flush=True)
         for rev in (False, True):
             print("segment", usage(C._segment_kernel, ptrs, dict(K=K, V=V, BS=64, REVERSE=rev), 4), flush=True)

@@ -437,9 +437,10 @@ if triton is not None:
         T, H, scale, NSEG,  # states [B*H, NT, K, V] (out); hT [B*H, NSEG, K, V] fp32 (out)
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
         DT: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
-        SEGMENTED: tl.constexpr, STORE_STATES: tl.constexpr,
+        SEGMENTED: tl.constexpr, STORE_STATES: tl.constexpr, PAIR: tl.constexpr,
     ):
-        """Walks the chunks with one [BS, BS] tile of the state in fp32 registers.
+        """Walks the chunks with one [BS, BS] tile of the state in fp32 registers (PAIR: two, side
+        by side over the value channels, so that g and q are read and scanned once for both).
 
         Forward:  h <- exp(b_last) h + (k exp(b_last - b))^T v.
         REVERSE:  dh <- exp(b_last) dh + (scale q exp(b))^T do, from the last chunk (v is do).
@@ -462,15 +463,16 @@ if triton is not None:
         scale = tl.cast(scale, tl.float32)
         rows = tl.arange(0, BT)
         ck = ik * BS + tl.arange(0, BS)
-        cv = iv * BS + tl.arange(0, BS)
+        cv = iv * BS * (1 + PAIR) + tl.arange(0, BS)
         offk, offv = _head(bh, T, H, K, V)
         state_off = ck[:, None] * V + cv[None, :]
+        h = tl.zeros([BS, BS], dtype=tl.float32)
+        h2 = tl.zeros([BS, BS], dtype=tl.float32)
         if HAS_H0:
-            h = tl.load(h0 + bh * K * V + state_off)
-            if SEGMENTED:  # only the segment walked first starts from h0
-                h = tl.where(seg == _walk_order(0, 0, NSEG, REVERSE), h, 0.0)
-        else:
-            h = tl.zeros([BS, BS], dtype=tl.float32)
+            first = seg == _walk_order(0, 0, NSEG, REVERSE)  # only the segment walked first starts from h0
+            h = tl.where(first, tl.load(h0 + bh * K * V + state_off), 0.0)
+            if PAIR:
+                h2 = tl.where(first, tl.load(h0 + bh * K * V + state_off + BS), 0.0)
         if SEGMENTED:
             dcum = tl.full([BS], 1.0, dtype=tl.float32)
         for it in range(0, c1 - c0):
@@ -478,8 +480,12 @@ if triton is not None:
             t0 = n * BT
             if STORE_STATES:
                 tl.store(states + (bh * NT + n) * K * V + state_off, h.to(states.dtype.element_ty))
+                if PAIR:
+                    tl.store(states + (bh * NT + n) * K * V + state_off + BS, h2.to(states.dtype.element_ty))
             gc = _load_tile(g + offk, t0, T, H * K, rows, ck)  # rows past T: g = 0 (decay 1, key 0)
             vc = _load_tile(v + offv, t0, T, H * V, rows, cv)
+            if PAIR:
+                vc2 = _load_tile(v + offv, t0, T, H * V, rows, cv + BS)
             b = tl.cumsum(gc, 0)
             b_last = tl.sum(gc, 0)
             if SEGMENTED:
@@ -490,8 +496,13 @@ if triton is not None:
                 x = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale * _exp(b)
             else:
                 x = -_expm1(gc) * _exp(b_last[None, :] - b)
-            h = _exp(b_last)[:, None] * h + tl.dot(tl.trans(x.to(DT)), vc.to(DT), input_precision=PREC)
+            xt = tl.trans(x.to(DT))
+            h = _exp(b_last)[:, None] * h + tl.dot(xt, vc.to(DT), input_precision=PREC)
+            if PAIR:
+                h2 = _exp(b_last)[:, None] * h2 + tl.dot(xt, vc2.to(DT), input_precision=PREC)
         tl.store(hT + (bh * NSEG + seg) * K * V + state_off, h)
+        if PAIR:
+            tl.store(hT + (bh * NSEG + seg) * K * V + state_off + BS, h2)
         if SEGMENTED:
             tl.store(seg_decay + (bh * NSEG + seg) * K + ck, dcum, mask=ck + iv * K < K)  # one value tile stores it
 
@@ -850,7 +861,12 @@ def _dot_config(dtype: torch.dtype):
 # Larger key blocks at V = 16 gave wrong bf16 outputs (K = 256, out_bk 128) and an illegal address
 # (dqg_bk 64) on the H100 with Triton 3.6: keep overrides to the shapes they were checked at.
 CONFIG = {
-    "state_bs": 64, "state_warps": 4, "state_stages": 3, "min_programs": 256,
+    # state_pair: each walking program holds two [BS, BS] state tiles side by side over the value
+    # channels (`_state_kernel` PAIR), so g (and q, walking back) is read and scanned once for both.
+    # Both walks 0.228 -> 0.159 ms, fwd+bwd 0.916 -> 0.851 at 8 x 2048 x 8 (1.08x; 2 x 8192 x 8 1.07x,
+    # 8 x 2048 x 16 1.11x), outputs bit-identical, though it spills 320-520 B at 4 warps (8 warps:
+    # 0.212 ms). H100, 2026-11-24, benchmarks/RESULTS.md (tenth session).
+    "state_bs": 64, "state_pair": True, "state_warps": 4, "state_stages": 3, "min_programs": 256,
     # Segments of the state walk (see _state_kernel), up to max_segments where the state tiles
     # alone give fewer than min_programs programs (B*H small, T long). Measured 2026-11-24, fwd+bwd
     # B=1 T=16384 H=8 K=V=128: 1.36 ms with segments against 1.93 without; where B*H fills the
@@ -923,13 +939,14 @@ def _run_states(q, g, x, h0, reverse, scale, join_later=False, nseg=None):
     # into segments walked in parallel (CONFIG max_segments) and then use smaller state tiles.
     # State tiles with BK < BV faulted on the H100 with Triton 3.6: square tiles only.
     BS = min(K, V, CONFIG["state_bs"])
+    pair = CONFIG["state_pair"] and V >= 2 * BS  # stays so as BS halves
     if store:
-        nseg = _segments((K // BS) * (V // BS) * B * H, NT, CONFIG["min_programs"])
-    while BS > 16 and (K // BS) * (V // BS) * B * H * nseg < CONFIG["min_programs"]:
+        nseg = _segments((K // BS) * (V // BS) // (1 + pair) * B * H, NT, CONFIG["min_programs"])
+    while BS > 16 and (K // BS) * (V // BS) // (1 + pair) * B * H * nseg < CONFIG["min_programs"]:
         BS //= 2
-    grid = (K // BS, V // BS, B * H * nseg)
+    grid = (K // BS, V // (BS * (1 + pair)), B * H * nseg)
     common = dict(K=K, V=V, BT=_BT, BS=BS, DT=DT, PREC=PREC, REVERSE=reverse, HAS_H0=h0 is not None,
-                  STORE_STATES=store, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])
+                  STORE_STATES=store, PAIR=pair, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])
     h0_ = h0 if h0 is not None else hT
     if nseg == 1:
         _launch(_state_kernel)[grid](q, g, x, h0_, states, hT, hT, hT, T, H, scale, 1, SEGMENTED=False, **common)
