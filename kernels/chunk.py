@@ -202,17 +202,20 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # chunks; fewer registers, fewer spills) and redo the programs it flags (chunks decaying past
 # e^120) in a second launch that takes every path (`_launch_chunks`).
 #
-# Measured (H100, Triton 3.6, 2026-11-24, benchmarks/RESULTS.md), GPU time: bf16 B=8 T=2048 H=8
-# K=V=128, 0.273 ms forward and 0.927 ms forward+backward (fla's chunk_gla 0.434 / 1.735 in the
-# same run; 1.78x to 2.70x over the benchmark shapes); per kernel, dq/dg 0.39, out + dv 0.29, both
-# state walks 0.23. Every kernel is register-bound (255 registers per thread; at 8 warps the dq/dg
-# kernel fits one program per SM, so its loads are not hidden behind another program's math) and
-# issues mostly elementwise fp32 work (Nsight Compute: ~1.2 instructions per cycle, FMUL/FADD/FFMA
-# the largest share). By bytes moved (g fp32 and the states dominate) this design needs ~0.5 ms
-# forward+backward even at full bandwidth. Trading either way was slower on the H100 (2026-11-24,
-# benchmarks/RESULTS.md, ninth session): a register cap for two programs per SM spills (dq/dg
-# 0.49 ms at 128 registers), and one backward kernel a chunk (dq/dg and dv, ~200 MB less traffic)
-# spills (2.2 KB a thread, compiled offline) and took 1.10 ms against 0.39 + 0.15.
+# Measured (H100, Triton 3.6, 2026-11-24, benchmarks/RESULTS.md, tenth session), GPU time: bf16
+# B=8 T=2048 H=8 K=V=128, 0.233 ms forward and 0.864 ms forward+backward (fla's chunk_gla 0.435 /
+# 1.727 in the same run; 1.95x to 2.28x over the benchmark shapes); per kernel, dq/dg 0.39, out +
+# dv 0.29, both state walks 0.16 (paired tiles) and their segment walks 0.014. Every kernel is
+# register-bound (255 registers per thread; at 8 warps the dq/dg kernel fits one program per SM, so
+# its loads are not hidden behind another program's math) and issues mostly elementwise fp32 work
+# (Nsight Compute: ~1.2 instructions per cycle, FMUL/FADD/FFMA the largest share). By bytes moved
+# (g fp32 and the states dominate; ~1.3 GB at 8 x 2048 x 8) this design needs ~0.44 ms
+# forward+backward even at full copy bandwidth. Trading either way was slower on the H100
+# (2026-11-24, benchmarks/RESULTS.md, ninth session): a register cap for two programs per SM spills
+# (dq/dg 0.49 ms at 128 registers), and one backward kernel a chunk (dq/dg and dv, ~200 MB less
+# traffic) spills (2.2 KB a thread, compiled offline) and took 1.10 ms against 0.39 + 0.15. Keeping
+# the in-chunk cumsum of g from the forward walk for the later kernels (tenth session) cost the walk
+# more than the scans it saved.
 # ---------------------------------------------------------------------------------------------
 
 try:
@@ -866,7 +869,10 @@ CONFIG = {
     # Both walks 0.228 -> 0.159 ms, fwd+bwd 0.916 -> 0.851 at 8 x 2048 x 8 (1.08x; 2 x 8192 x 8 1.07x,
     # 8 x 2048 x 16 1.11x), outputs bit-identical, though it spills 320-520 B at 4 warps (8 warps:
     # 0.212 ms). H100, 2026-11-24, benchmarks/RESULTS.md (tenth session).
-    "state_bs": 64, "state_pair": True, "state_warps": 4, "state_stages": 3, "min_programs": 256,
+    # "auto": paired where the paired programs, segmented up to max_segments, still reach
+    # min_programs (not at B*H = 8, T = 16384: there 128 programs against 256 unpaired, and
+    # fwd+bwd 1.028 ms against 0.951 in the eighth session's run); True: wherever V >= 2 BS.
+    "state_bs": 64, "state_pair": "auto", "state_warps": 4, "state_stages": 3, "min_programs": 256,
     # Segments of the state walk (see _state_kernel), up to max_segments where the state tiles
     # alone give fewer than min_programs programs (B*H small, T long). Measured 2026-11-24, fwd+bwd
     # B=1 T=16384 H=8 K=V=128: 1.36 ms with segments against 1.93 without; where B*H fills the
@@ -939,7 +945,10 @@ def _run_states(q, g, x, h0, reverse, scale, join_later=False, nseg=None):
     # into segments walked in parallel (CONFIG max_segments) and then use smaller state tiles.
     # State tiles with BK < BV faulted on the H100 with Triton 3.6: square tiles only.
     BS = min(K, V, CONFIG["state_bs"])
-    pair = CONFIG["state_pair"] and V >= 2 * BS  # stays so as BS halves
+    # Pairs halve the programs: "auto" pairs only where segments can make up for it (CONFIG).
+    pair = V >= 2 * BS and (CONFIG["state_pair"] is True or (  # stays so as BS halves
+        CONFIG["state_pair"] == "auto"
+        and (K // BS) * (V // BS) // 2 * B * H * CONFIG["max_segments"] >= CONFIG["min_programs"]))
     if store:
         nseg = _segments((K // BS) * (V // BS) // (1 + pair) * B * H, NT, CONFIG["min_programs"])
     while BS > 16 and (K // BS) * (V // BS) // (1 + pair) * B * H * nseg < CONFIG["min_programs"]:

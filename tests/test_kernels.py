@@ -59,7 +59,10 @@ def _launches(mode: str):
     two-launch kernels faulted at V = 16 with Triton 3.6)."""
     if mode == "walk_out":
         return mock.patch.dict(C.CONFIG, {"two_pass_min_dim": 16 if DEVICE == "cpu" else 32, "walk_out": True})
-    return mock.patch.dict(C.CONFIG, {"two_pass_min_dim": 16 if mode == "two_launches" else 10**9})
+    # The state walk's paired value tiles (CONFIG state_pair) forced with two launches; with one
+    # launch "auto" leaves these small B * H unpaired.
+    return mock.patch.dict(C.CONFIG, {"two_pass_min_dim": 16 if mode == "two_launches" else 10**9,
+                                      "state_pair": mode == "two_launches" or "auto"})
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -186,6 +189,7 @@ def test_triton_kernels_segmented_state_walk(T, with_state, gate, K, V, walk_out
     monkeypatch.setitem(C.CONFIG, "min_programs", 10**6)
     monkeypatch.setitem(C.CONFIG, "walk_out_min_programs", 10**6)
     monkeypatch.setitem(C.CONFIG, "walk_out", walk_out)
+    monkeypatch.setitem(C.CONFIG, "state_pair", True)  # at V = 32 (16 x 16 tiles); "auto" would not pair
     if DEVICE == "cpu":  # on the GPU these K, V stay on the split path (test_ops.py's 32k tokens take it at 64)
         monkeypatch.setitem(C.CONFIG, "two_pass_min_dim", 16)
     launched = []
