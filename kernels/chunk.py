@@ -162,10 +162,11 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #
 # Design (per head; BT = 64 steps a chunk, K and V up to 256). What each kernel reads and writes:
 #
-#   _state_kernel   grid (K/BS, V/BS, B*H), the only pass that walks the sequence.
+#   _state_kernel   grid (K/BS, V/2BS or V/BS, B*H), the only pass that walks the sequence.
 #                   forward:  reads g, v        writes the chunk-start states (q's dtype), final state
 #                   reverse:  reads q, g, do    writes the chunk-end state gradients, d initial state
-#                   One [BS, BS] fp32 state tile in registers, one matmul a chunk.
+#                   Two [BS, BS] fp32 state tiles in registers, value channels side by side,
+#                   two matmuls a chunk sharing one key operand (CONFIG state_pair; else one).
 #   _out_kernel     grid (V/BVO, chunks, B*H): reads q, g, v, states; writes o.
 #                   o = (scale q exp(b)) @ h_start + A @ v, A the in-chunk pair matrix, built in
 #                   registers over key blocks of BK channels and never stored. With DV it reads
@@ -871,7 +872,7 @@ CONFIG = {
     # 0.212 ms). H100, 2026-11-24, benchmarks/RESULTS.md (tenth session).
     # "auto": paired where the paired programs, segmented up to max_segments, still reach
     # min_programs (not at B*H = 8, T = 16384: there 128 programs against 256 unpaired, and
-    # fwd+bwd 1.028 ms against 0.951 in the eighth session's run); True: wherever V >= 2 BS.
+    # fwd+bwd 1.017 ms paired against 0.921 unpaired in one A/B run); True: wherever V >= 2 BS.
     "state_bs": 64, "state_pair": "auto", "state_warps": 4, "state_stages": 3, "min_programs": 256,
     # Segments of the state walk (see _state_kernel), up to max_segments where the state tiles
     # alone give fewer than min_programs programs (B*H small, T long). Measured 2026-11-24, fwd+bwd
