@@ -64,6 +64,8 @@ PLAIN = dict(GATES=False, HAS_LB=False)
 
 
 def usage(fn, types: dict, consts: dict, warps: int, stages: int = 1) -> str:
+    # Switches left out take their defaults, as a launch that does not name them does.
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
     sig = {p: ("constexpr" if p in consts else types[p]) for p in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET,
                             options={"num_warps": warps, "num_stages": stages})
@@ -95,6 +97,13 @@ def check(K: int, V: int) -> int:
                  for dv in (False, True) for m in modes for join in (False, True) if not (join and m["FLAGGED"])]
     variants += [(C._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0, **m))
                  for m in modes]
+    # The rows in `_time_rows` order (CONFIG time_rows): the state walk, and the whole-chunk out and dq/dg kernels.
+    variants += [(C._state_kernel, dict(BS=min(K, V, 64), REVERSE=False, HAS_H0=True, SEGMENTED=False,
+                                        STORE_STATES=True, PAIR=False, PERM=True)),
+                 (C._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=False, JOIN=False,
+                                      JR=min(K, 32), PERM=True, **modes[0])),
+                 (C._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0,
+                                      PERM=True, **modes[0]))]
     # Each variant both ways of typing scale; the dq/dg kernel with GATES too (scale as fp64: how
     # a variant types scale does not depend on GATES).
     variants = [(fn, {**consts, **(PLAIN if fn is C._dqg_kernel else {})}, scale) for fn, consts in variants
@@ -112,7 +121,7 @@ def check(K: int, V: int) -> int:
         except Exception as e:  # noqa: BLE001 - reported, counted
             failed += 1
             ok = "FAILED " + str(e).splitlines()[-1][:300]
-        flags = ("REVERSE", "SEGMENTED", "STORE_STATES", "PAIR", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES")
+        flags = ("REVERSE", "SEGMENTED", "STORE_STATES", "PAIR", "PERM", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES")
         print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
     return failed
 
