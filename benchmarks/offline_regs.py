@@ -97,13 +97,10 @@ def check(K: int, V: int) -> int:
                  for dv in (False, True) for m in modes for join in (False, True) if not (join and m["FLAGGED"])]
     variants += [(C._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0, **m))
                  for m in modes]
-    # The rows in `_time_rows` order (CONFIG time_rows): the state walk, and the whole-chunk out and dq/dg kernels.
-    variants += [(C._state_kernel, dict(BS=min(K, V, 64), REVERSE=False, HAS_H0=True, SEGMENTED=False,
-                                        STORE_STATES=True, PAIR=False, PERM=True)),
-                 (C._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=False, JOIN=False,
-                                      JR=min(K, 32), PERM=True, **modes[0])),
-                 (C._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0,
-                                      PERM=True, **modes[0]))]
+    # The rows in `_time_rows` order (CONFIG time_rows), on the first variant of each kernel listed above:
+    # the forward walk, and the whole-chunk out (forward) and dq/dg kernels.
+    variants += [(fn, {**next(c for f, c in variants if f is fn), "PERM": True})
+                 for fn in (C._state_kernel, C._out_kernel, C._dqg_kernel)]
     # Each variant both ways of typing scale; the dq/dg kernel with GATES too (scale as fp64: how
     # a variant types scale does not depend on GATES).
     variants = [(fn, {**consts, **(PLAIN if fn is C._dqg_kernel else {})}, scale) for fn, consts in variants

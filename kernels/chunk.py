@@ -550,9 +550,10 @@ if triton is not None:
             else:
                 x = -_expm1(gc) * _exp(b_last[None, :] - b)
             xt = tl.trans(x.to(DT))
-            h = _exp(b_last)[:, None] * h + tl.dot(xt, vc.to(DT), input_precision=PREC)
+            chunk_decay = _exp(b_last)[:, None]
+            h = chunk_decay * h + tl.dot(xt, vc.to(DT), input_precision=PREC)
             if PAIR:
-                h2 = _exp(b_last)[:, None] * h2 + tl.dot(xt, vc2.to(DT), input_precision=PREC)
+                h2 = chunk_decay * h2 + tl.dot(xt, vc2.to(DT), input_precision=PREC)
         tl.store(hT + (bh * NSEG + seg) * K * V + state_off, h)
         if PAIR:
             tl.store(hT + (bh * NSEG + seg) * K * V + state_off + BS, h2)
@@ -1010,13 +1011,16 @@ def _run_states(q, g, x, h0, reverse, scale, join_later=False, nseg=None):
     # into segments walked in parallel (CONFIG max_segments) and then use smaller state tiles.
     # State tiles with BK < BV faulted on the H100 with Triton 3.6: square tiles only.
     BS = min(K, V, CONFIG["state_bs"])
+
+    def programs(bs, paired):  # one per state tile (or pair of tiles) and head, before segments
+        return (K // bs) * (V // (bs * (1 + paired))) * B * H
+
     # Pairs halve the programs: "auto" pairs only where segments can make up for it (CONFIG).
     pair = V >= 2 * BS and (CONFIG["state_pair"] is True or (  # stays so as BS halves
-        CONFIG["state_pair"] == "auto"
-        and (K // BS) * (V // BS) // 2 * B * H * CONFIG["max_segments"] >= CONFIG["min_programs"]))
+        CONFIG["state_pair"] == "auto" and programs(BS, True) * CONFIG["max_segments"] >= CONFIG["min_programs"]))
     if store:
-        nseg = _segments((K // BS) * (V // BS) // (1 + pair) * B * H, NT, CONFIG["min_programs"])
-    while BS > 16 and (K // BS) * (V // BS) // (1 + pair) * B * H * nseg < CONFIG["min_programs"]:
+        nseg = _segments(programs(BS, pair), NT, CONFIG["min_programs"])
+    while BS > 16 and programs(BS, pair) * nseg < CONFIG["min_programs"]:
         BS //= 2
     grid = (K // BS, V // (BS * (1 + pair)), B * H * nseg)
     common = dict(K=K, V=V, BT=_BT, BS=BS, DT=DT, PREC=PREC, REVERSE=reverse, HAS_H0=h0 is not None,
