@@ -274,55 +274,6 @@ if triton is not None:
         return tl.sum(tl.where(rows[:, None] == i, x, 0.0), 0)
 
     @triton.jit
-    def _time_rows(BT: tl.constexpr, PERM: tl.constexpr):
-        """The step of the chunk each row of a [BT, D] tile holds: row r holds step r, or with PERM
-        step (r % 4) * (BT / 4) + r // 4, so that tile rows r, r + 4, r + 8, ... hold consecutive
-        steps. Every row mask compares these steps, so a kernel is the same in either order but
-        for its scans over the steps (`_cumsum_steps`)."""
-        r = tl.arange(0, BT)
-        if PERM:
-            r = (r % 4) * (BT // 4) + r // 4
-        return r
-
-    @triton.jit
-    def _cumsum_steps(x, BT: tl.constexpr, BK: tl.constexpr, PERM: tl.constexpr, REVERSE: tl.constexpr):
-        """Cumulative sum over the steps of a [BT, BK] tile whose rows are in `_time_rows` order.
-
-        PERM: as [BT / 4, 4, BK] the tile is [step within a quarter of the chunk, quarter, channel];
-        scanned along the first axis, then each quarter adds the totals of the quarters before it
-        (after it, REVERSE). Where the compiler lays the tile out with four warps along its rows
-        and each thread's rows 4 apart (the usual layout of these kernels' [64, BK] tiles), a
-        thread holds one quarter's steps of its column: the scan is sequential in registers, and
-        only the four totals cross warps, where `tl.cumsum` over the rows crosses them for every
-        row a thread holds (offline for sm_90 at 8 warps: 251 PTX instructions against 435, no
-        shuffles against 16, for a [64, 64] tile loaded, scanned and stored)."""
-        if PERM:
-            x3 = tl.reshape(x, (BT // 4, 4, BK))
-            inner = tl.cumsum(x3, 0, reverse=REVERSE)
-            quarter = tl.arange(0, 4)
-            if REVERSE:
-                earlier = quarter[:, None] > quarter[None, :]  # [from, to]: the quarters after `to`
-            else:
-                earlier = quarter[:, None] < quarter[None, :]
-            carry = tl.sum(tl.where(earlier[:, :, None], tl.sum(x3, 0)[:, None, :], 0.0), 0)
-            out = tl.reshape(inner + carry[None, :, :], (BT, BK))
-        else:
-            out = tl.cumsum(x, 0, reverse=REVERSE)
-        return out
-
-    @triton.jit
-    def _chunk_total(gc, b, rows, BT: tl.constexpr, PERM: tl.constexpr):
-        """b_last, the gates summed over the chunk ([BK]). PERM: b's last step itself, so that
-        exp(b_last - b) is exactly 1 there; as a sum in another order it differed from b's last
-        step by rounding, which at b ~ -1200 (gates of e^-20 a step) put 1.7e-4 of error on the
-        final state in fp32 (found by the property test under the interpreter, 2026-11-24)."""
-        if PERM:
-            total = _row(b, rows, BT - 1)
-        else:
-            total = tl.sum(gc, 0)
-        return total
-
-    @triton.jit
     def _load_tile(ptr, t0, T, stride, rows, cols):
         """Rows t0 + rows, columns cols of one head of a [B, T, H, D] tensor (ptr at (b, 0, h, 0))."""
         m = (t0 + rows)[:, None] < T
@@ -490,7 +441,7 @@ if triton is not None:
         T, H, scale, NSEG,  # states [B*H, NT, K, V] (out); hT [B*H, NSEG, K, V] fp32 (out)
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
         DT: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
-        SEGMENTED: tl.constexpr, STORE_STATES: tl.constexpr, PAIR: tl.constexpr, PERM: tl.constexpr = False,
+        SEGMENTED: tl.constexpr, STORE_STATES: tl.constexpr, PAIR: tl.constexpr,
     ):
         """Walks the chunks with one [BS, BS] tile of the state in fp32 registers (PAIR: two, side
         by side over the value channels, so that g and q are read and scanned once for both).
@@ -514,7 +465,7 @@ if triton is not None:
         bh, seg, c0, c1 = _segment(pid, NT, NSEG)  # NSEG = 1 unless SEGMENTED
         # Inductor passes Python floats as fp64 scalars: keep every tile fp32.
         scale = tl.cast(scale, tl.float32)
-        rows = _time_rows(BT, PERM)
+        rows = tl.arange(0, BT)
         ck = ik * BS + tl.arange(0, BS)
         cv = iv * BS * (1 + PAIR) + tl.arange(0, BS)
         offk, offv = _head(bh, T, H, K, V)
@@ -539,8 +490,8 @@ if triton is not None:
             vc = _load_tile(v + offv, t0, T, H * V, rows, cv)
             if PAIR:
                 vc2 = _load_tile(v + offv, t0, T, H * V, rows, cv + BS)
-            b = _cumsum_steps(gc, BT, BS, PERM, False)
-            b_last = _chunk_total(gc, b, rows, BT, PERM)
+            b = tl.cumsum(gc, 0)
+            b_last = tl.sum(gc, 0)
             if SEGMENTED:
                 if STORE_STATES:
                     tl.store(decay + (bh * NT + n) * K + ck, dcum, mask=ck + iv * K < K)  # one value tile stores it
@@ -612,7 +563,6 @@ if triton is not None:
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
         DV: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr, JOIN: tl.constexpr, JR: tl.constexpr,
-        PERM: tl.constexpr = False,
     ):
         """One chunk, BVO value channels; A built over key blocks in registers, never stored.
 
@@ -638,7 +588,7 @@ if triton is not None:
             run = tl.load(flags + pid) != 0
         if run:
             t0 = n * BT
-            rows = _time_rows(BT, PERM)
+            rows = tl.arange(0, BT)
             cv = iv * BVO + tl.arange(0, BVO)
             offk, offv = _head(bh, T, H, K, V)
             st = states + (bh * NT + n) * K * V
@@ -656,8 +606,8 @@ if triton is not None:
                 ck = kb * BK + tl.arange(0, BK)
                 qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
                 gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
-                b = _cumsum_steps(gc, BT, BK, PERM, False)
-                b_last = _chunk_total(gc, b, rows, BT, PERM)
+                b = tl.cumsum(gc, 0)
+                b_last = tl.sum(gc, 0)
                 k = -_expm1(gc)
                 A_kb, start, end = _pairs_A(qs, k, gc, b, b_last, rows, DT, PREC, BT, BC, BK, FAST_RANGE, GENERAL)
                 A += A_kb
@@ -797,7 +747,7 @@ if triton is not None:
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
         FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr,
-        GATES: tl.constexpr, HAS_LB: tl.constexpr, PERM: tl.constexpr = False,
+        GATES: tl.constexpr, HAS_LB: tl.constexpr,
     ):
         """dq and dg of one chunk and BK key channels (formulas in chunk_hgrn2_bwd_ref): every
         term is separable over the key channels. Two variants as in `_out_kernel`. The key
@@ -813,7 +763,7 @@ if triton is not None:
             run = tl.load(flags + pid) != 0
         if run:
             t0 = n * BT
-            rows = _time_rows(BT, PERM)
+            rows = tl.arange(0, BT)
             ck = ik * BK + tl.arange(0, BK)
             offk, offv = _head(bh, T, H, K, V)
             st = states + (bh * NT + n) * K * V
@@ -837,8 +787,8 @@ if triton is not None:
             q_tile = _load_tile(q + offk, t0, T, H * K, rows, ck)
             gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
             qs = q_tile.to(tl.float32) * scale
-            b = _cumsum_steps(gc, BT, BK, PERM, False)
-            b_last = _chunk_total(gc, b, rows, BT, PERM)
+            b = tl.cumsum(gc, 0)
+            b_last = tl.sum(gc, 0)
             k = -_expm1(gc)
             # Pairs j < i through _pairs_grad; the diagonal (decay exp(0) = 1) on its own, so that dg
             # below never cancels it (see chunk_hgrn2_bwd_ref).
@@ -853,7 +803,7 @@ if triton is not None:
             # cumsum minus the row (which would cancel when the row dominates).
             before = (rows[:, None] > rows[None, :]).to(tl.float32)
             keys_before = tl.dot(before, k * dk_h, input_precision=PREC32)
-            later = _cumsum_steps(qs * dq_sum - k * dk_in, BT, BK, PERM, True)
+            later = tl.cumsum(qs * dq_sum - k * dk_in, 0, reverse=True)
             dgc = _exp(b_last)[None, :] * outside[None, :] + keys_before + later - _exp(gc) * dkc
             if GATES:  # on through the gates to their logits (`gates_bwd`)
                 x = _load_tile(q_logits + offk, t0, T, H * K, rows, ck).to(tl.float32)
@@ -881,29 +831,25 @@ def _launch(kernel):
     return kernel if _INTERPRETING else wrap_triton(kernel)
 
 
-def _launch_chunks(kernel, grid, *args, JOIN=None, PERM=None, flags=None, **meta):
+def _launch_chunks(kernel, grid, *args, JOIN=None, flags=None, **meta):
     """Launches the out or dq/dg kernel over its grid: where K and V are at least
     CONFIG["two_pass_min_dim"], as its whole-chunk variant and then its GENERAL, FLAGGED variant,
     which redoes the programs the first flagged (chunks decaying by more than e^120) and returns
     elsewhere; else once, GENERAL for every program. JOIN (the out kernel's; None for dq/dg)
-    goes to the first launch only: the states it joins are global for the second. PERM (the
-    rows in `_time_rows` order; None where the kernel has no such switch) goes to the whole-chunk
-    variant only: the GENERAL one's sub-block scans take the rows in order. flags given:
+    goes to the first launch only: the states it joins are global for the second. flags given:
     another kernel did the first variant's work and flagged (`_walk_out_kernel`); only the
     second launch runs."""
-    first = {} if JOIN is None else {"JOIN": JOIN}
-    perm = {} if PERM is None else {"PERM": PERM}
-    off = {k: False for k in {**first, **perm}}
+    join = {} if JOIN is None else {"JOIN": JOIN}
+    off = {k: False for k in join}
     if flags is not None:
         _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=True, **off, **meta)
         return
     flags = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
     if min(meta["K"], meta["V"]) >= CONFIG["two_pass_min_dim"]:
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=False, FLAGGED=False, **first, **perm, **meta)
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=False, FLAGGED=False, **join, **meta)
         _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=True, **off, **meta)
     else:
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=False, **first, **{k: False for k in perm},
-                              **meta)
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=False, **join, **meta)
 
 
 def _dot_config(dtype: torch.dtype):
@@ -924,8 +870,9 @@ CONFIG = {
     # state_pair: each walking program holds two [BS, BS] state tiles side by side over the value
     # channels (`_state_kernel` PAIR), so g (and q, walking back) is read and scanned once for both.
     # Both walks 0.228 -> 0.159 ms, fwd+bwd 0.916 -> 0.851 at 8 x 2048 x 8 (1.08x; 2 x 8192 x 8 1.07x,
-    # 8 x 2048 x 16 1.11x), outputs bit-identical, though it spills 320-520 B at 4 warps (8 warps:
-    # 0.212 ms). H100, 2026-11-24, benchmarks/RESULTS.md (tenth session).
+    # 8 x 2048 x 16 1.11x), outputs bit-identical (8 warps: 0.212 ms). H100, 2026-11-24,
+    # benchmarks/RESULTS.md (tenth session). Compiled offline with its pointers aligned as a launch
+    # has them, it does not spill (254 registers; Triton 3.6 and 3.9).
     # "auto": paired where the paired programs, segmented up to max_segments, still reach
     # min_programs (not at B*H = 8, T = 16384: there 128 programs against 256 unpaired, and
     # fwd+bwd 1.017 ms paired against 0.921 unpaired in one A/B run); True: wherever V >= 2 BS.
@@ -933,8 +880,10 @@ CONFIG = {
     # Segments of the state walk (see _state_kernel), up to max_segments where the state tiles
     # alone give fewer than min_programs programs (B*H small, T long). Measured 2026-11-24, fwd+bwd
     # B=1 T=16384 H=8 K=V=128: 1.36 ms with segments against 1.93 without; where B*H fills the
-    # GPU they only add the join (benchmarks/RESULTS.md).
-    "max_segments": 8, "min_segment_chunks": 4,
+    # GPU they only add the join (benchmarks/RESULTS.md). 16, not 8: at B*H = 8, T = 16384 the paired
+    # walk then reaches 256 programs (the state walks 0.241 -> 0.165 ms, their joins 0.022 -> 0.041;
+    # fwd+bwd 0.945 -> 0.891 ms, 1.06x in one A/B run, H100 2026-11-24, eleventh session).
+    "max_segments": 16, "min_segment_chunks": 4,
     "out_bk": 64, "out_bv": 128, "out_warps": 8, "out_stages": 1,
     "dqg_bk": 32, "dqg_warps": 4, "dqg_stages": 1,
     # Keep the forward's chunk-start states for the backward instead of walking the sequence again
@@ -947,15 +896,6 @@ CONFIG = {
     # every path: the two-launch kernels faulted (illegal address) at K = 32 and 64 with V = 16
     # on the H100 with Triton 3.6 (2026-11-24).
     "two_pass_min_dim": 64,
-    # The kernels named here ("state", "out": its whole-chunk variant, "dqg": the same) take their
-    # tiles' rows in `_time_rows` order, so that their scans over the chunk's steps run in
-    # registers (`_cumsum_steps`). None until timed on the GPU: they match the float64 reference
-    # under the interpreter (tests/test_kernels.py). Compiled offline for sm_90 (Triton 3.9, K = V =
-    # 128 bf16 launch settings) the whole-chunk dq/dg kernel went from 3456 to 3032 SASS
-    # instructions, 219 to 101 shared loads, 224 to 112 B of stack; the paired walks 205 to 143
-    # shared loads, about as many instructions; the out kernel 5872 to 6072 instructions (its
-    # scan's layout is another). No GPU time was left to time them (2026-11-24, tenth session).
-    "time_rows": (),
     # The state walk and the out / dv kernel as one pass (`_walk_out_kernel`, `_walk_out_supported`):
     # value blocks of walk_out_bv channels, segments (as above) up to walk_out_min_programs programs.
     # Off by default, on where FAST says: one program walks every chunk of its head, so the chunk's
@@ -1024,8 +964,7 @@ def _run_states(q, g, x, h0, reverse, scale, join_later=False, nseg=None):
         BS //= 2
     grid = (K // BS, V // (BS * (1 + pair)), B * H * nseg)
     common = dict(K=K, V=V, BT=_BT, BS=BS, DT=DT, PREC=PREC, REVERSE=reverse, HAS_H0=h0 is not None,
-                  STORE_STATES=store, PAIR=pair, PERM="state" in CONFIG["time_rows"],
-                  num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])
+                  STORE_STATES=store, PAIR=pair, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])
     h0_ = h0 if h0 is not None else hT
     if nseg == 1:
         _launch(_state_kernel)[grid](q, g, x, h0_, states, hT, hT, hT, T, H, scale, 1, SEGMENTED=False, **common)
@@ -1099,7 +1038,6 @@ def _run_out(q, g, v, states, scale, dv, join, redo=None):
         # Slices of 32 rows: 16-row slices in a loop, not unrolled, made the out kernel ~0.05 ms
         # slower than the fixup kernel the join replaces (H100, 2026-11-24).
         decay=decay, h_in=h_in, NSEG=nseg, JOIN=bool(join), JR=min(32, K), flags=flags,
-        PERM="out" in CONFIG["time_rows"],
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, DV=dv,
         num_warps=_cfg(q, v, "out_warps"), num_stages=CONFIG["out_stages"],
     )
@@ -1163,7 +1101,6 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=
         scale, q_logits=q_logits, f_logits=f_logits, lb=lb, dlb_part=dlb_part,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=BV, DT=DT, PREC=PREC, PREC32=PREC32, FAST_RANGE=_FAST_RANGE,
         num_warps=_cfg(q, v, "dqg_warps"), num_stages=CONFIG["dqg_stages"], GATES=logits is not None,
-        PERM="dqg" in CONFIG["time_rows"],
         HAS_LB=has_lb,
     )
     if logits is not None:
