@@ -203,20 +203,21 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # chunks; fewer registers, fewer spills) and redo the programs it flags (chunks decaying past
 # e^120) in a second launch that takes every path (`_launch_chunks`).
 #
-# Measured (H100, Triton 3.6, 2026-11-24, benchmarks/RESULTS.md, tenth session), GPU time: bf16
-# B=8 T=2048 H=8 K=V=128, 0.233 ms forward and 0.864 ms forward+backward (fla's chunk_gla 0.435 /
-# 1.727 in the same run; 1.95x to 2.28x over the benchmark shapes); per kernel, dq/dg 0.39, out +
-# dv 0.29, both state walks 0.16 (paired tiles) and their segment walks 0.014. Every kernel is
-# register-bound (255 registers per thread; at 8 warps the dq/dg kernel fits one program per SM, so
-# its loads are not hidden behind another program's math) and issues mostly elementwise fp32 work
-# (Nsight Compute: ~1.2 instructions per cycle, FMUL/FADD/FFMA the largest share). By bytes moved
-# (g fp32 and the states dominate; ~1.3 GB at 8 x 2048 x 8) this design needs ~0.44 ms
-# forward+backward even at full copy bandwidth. Trading either way was slower on the H100
-# (2026-11-24, benchmarks/RESULTS.md, ninth session): a register cap for two programs per SM spills
-# (dq/dg 0.49 ms at 128 registers), and one backward kernel a chunk (dq/dg and dv, ~200 MB less
-# traffic) spills (2.2 KB a thread, compiled offline) and took 1.10 ms against 0.39 + 0.15. Keeping
-# the in-chunk cumsum of g from the forward walk for the later kernels (tenth session) cost the walk
-# more than the scans it saved.
+# Measured (H100, Triton 3.6, 2026-11-24, benchmarks/RESULTS.md, eleventh session), GPU time: bf16
+# B=8 T=2048 H=8 K=V=128, 0.232 ms forward and 0.860 ms forward+backward (fla's chunk_gla 0.431 /
+# 1.714 in the same run; 1.96x to 2.79x over the benchmark shapes); per kernel, dq/dg 0.39, out +
+# dv 0.29, both state walks 0.16 (paired tiles) and their segment walks 0.014. Every kernel uses
+# 222-255 registers per thread (at 8 warps the dq/dg kernel fits one program per SM, so its loads
+# are not hidden behind another program's math) and issues mostly elementwise fp32 work (Nsight
+# Compute: ~1.2 instructions per cycle, FMUL/FADD/FFMA the largest share). By bytes moved (g fp32
+# and the states dominate; ~1.3 GB at 8 x 2048 x 8) this design needs ~0.44 ms forward+backward
+# even at full copy bandwidth. Trading either way was slower on the H100 (2026-11-24,
+# benchmarks/RESULTS.md, ninth session): a register cap for two programs per SM spills (dq/dg 0.49
+# ms at 128 registers), and one backward kernel a chunk (dq/dg and dv, ~200 MB less traffic, half
+# the programs) took 1.10 ms against 0.39 + 0.15. Keeping the in-chunk cumsum of g from the
+# forward walk for the later kernels (tenth session) cost the walk more than the scans it saved.
+# Scanning in registers, the tiles' rows reordered so that a thread holds consecutive steps, made
+# every kernel slower (eleventh session: dq/dg 0.39 -> 0.61 ms, the walks 0.16 -> 0.29).
 # ---------------------------------------------------------------------------------------------
 
 try:
