@@ -2,7 +2,7 @@
 
     git show HEAD:kernels/chunk.py > /tmp/chunk_a.py
     python benchmarks/ab_chunk.py /tmp/chunk_a.py [--rounds 9] [--shapes 8x2048x8,2x8192x8] \
-        [--configs '[{"dqg_stages": 2}]']
+        [--configs '[{"dqg_stages": 2}]'] [--dim 128] [--gates uniform30]
 
 Versions: A, the file given; B, the working tree's `hgrn2mini.kernels.chunk`; and B with each
 CONFIG update of --configs. Each runs forward + backward as the op does (the forward's states
@@ -36,6 +36,7 @@ p.add_argument("--rounds", type=int, default=9)
 p.add_argument("--shapes", default="8x2048x8,2x8192x8")
 p.add_argument("--configs", default="[]")
 p.add_argument("--dim", type=int, default=128, help="K = V")
+p.add_argument("--gates", default="logsigmoid", help="as bench_chunk.inputs: logsigmoid or uniform30")
 args = p.parse_args()
 spec = importlib.util.spec_from_file_location("chunk_a", args.old)
 old = importlib.util.module_from_spec(spec)
@@ -58,7 +59,7 @@ def main():
     for shape in args.shapes.split(","):
         Bn, T, H = (int(x) for x in shape.split("x"))
         K = args.dim
-        q, g, v = (x.detach() for x in inputs(Bn, T, H, K))
+        q, g, v = (x.detach() for x in inputs(Bn, T, H, K, args.gates))
         do = torch.randn_like(v)
         s = K**-0.5
         graphs, outs = [], []

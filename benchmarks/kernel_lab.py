@@ -58,10 +58,10 @@ for BS, warps, stages, rev in itertools.product([32, 64], [4, 8], [1, 3], [False
 for BK, BVO, warps, dv_ in itertools.product([32, 64, 128], [64, 128], [4, 8], [False, True]) if "out" in LAB else []:
     # The whole-chunk variant: the GENERAL one only redoes flagged programs (none with these gates).
     report("out", C._out_kernel, (V // BVO, NT, B * H), (q, g, v, states, o, T, H, s, flags),
-           dict(BK=BK, BVO=BVO, DV=dv_), BC=16, FAST_RANGE=C._FAST_RANGE, GENERAL=False, FLAGGED=False, num_warps=warps,
-           **common)
+           dict(BK=BK, BVO=BVO, DV=dv_), BC=16, FAST_RANGE=C._FAST_RANGE, GENERAL=False, FLAGGED=False, REDO=1,
+           num_warps=warps, **common)
 
 for BK, warps in itertools.product([16, 32, 64], [4, 8]) if "dqg" in LAB else []:
     report("dqg", C._dqg_kernel, (K // BK, NT, B * H), (q, g, v, do, states, dstates, dq, dg, T, H, s, flags),
-           dict(BK=BK, BV=BK), BC=16, PREC32=PREC32, FAST_RANGE=C._FAST_RANGE, GENERAL=False, FLAGGED=False,
+           dict(BK=BK, BV=BK), BC=16, PREC32=PREC32, FAST_RANGE=C._FAST_RANGE, GENERAL=False, FLAGGED=False, REDO=1,
            num_warps=warps, **common)

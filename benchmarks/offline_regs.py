@@ -96,7 +96,8 @@ def check(K: int, V: int) -> int:
         variants += [(C._walk_out_kernel, dict(BV=min(V, 64), FAST_RANGE=60.0, REVERSE=rev, HAS_H0=True,
                                                SEGMENTED=seg))
                      for rev in (False, True) for seg in (False, True)]
-    modes = [dict(GENERAL=False, FLAGGED=False), dict(GENERAL=True, FLAGGED=True), dict(GENERAL=True, FLAGGED=False)]
+    modes = [dict(GENERAL=False, FLAGGED=False, REDO=1), dict(GENERAL=True, FLAGGED=True, REDO=4),
+             dict(GENERAL=True, FLAGGED=False, REDO=1)]
     # The out kernel joins a segmented walk's states in its first (or only) launch, never in the second.
     variants += [(C._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=dv, JOIN=join, JR=min(K, 32),
                                       **m))
@@ -145,7 +146,7 @@ def main():
                                               (64, 128, 8, False, False), (64, 128, 4, False, False),
                                               (32, 128, 8, False, False), (64, 128, 8, True, False)]:
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=60.0, DV=False,
-                     GENERAL=general, FLAGGED=general, JOIN=join, JR=32)
+                     GENERAL=general, FLAGGED=general, JOIN=join, JR=32, REDO=1)
             print("out", dict(BK=BK, BVO=BVO, warps=warps, general=general, join=join),
                   usage(C._out_kernel, ptrs, c, warps), flush=True)
     if "walk_out" in what:
@@ -158,7 +159,7 @@ def main():
     if "dqg" in what:
         for BK, warps, general in [(64, 8, False), (32, 4, False), (32, 8, False), (16, 4, False), (64, 8, True)]:
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0,
-                     GENERAL=general, FLAGGED=general, **gates)
+                     GENERAL=general, FLAGGED=general, REDO=1, **gates)
             print("dqg", dict(BK=BK, warps=warps, general=general), usage(C._dqg_kernel, ptrs, c, warps),
                   flush=True)
 

@@ -557,6 +557,60 @@ if triton is not None:
         tl.store(ptr, x.to(states.dtype.element_ty))
 
     @triton.jit
+    def _redone(flags, first, stride, n0, NT, REDO: tl.constexpr):
+        """The flags of chunks n0 .. n0 + REDO - 1 (0 past NT) of one program column of a first
+        launch's grid, as int32: which of them a FLAGGED launch's program redoes."""
+        ns = n0 + tl.arange(0, REDO)
+        return (tl.load(flags + first + tl.arange(0, REDO) * stride, mask=ns < NT, other=0) != 0).to(tl.int32)
+
+    @triton.jit
+    def _out_chunk(q, g, v, states, o, T, H, scale, flags, decay, h_in, NSEG, iv, n, bh, NT,
+                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                   BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
+                   DV: tl.constexpr, GENERAL: tl.constexpr, JOIN: tl.constexpr, JR: tl.constexpr):
+        """`_out_kernel`'s work for chunk n, value block iv of head bh."""
+        pid = (bh * NT + n) * (V // BVO) + iv
+        t0 = n * BT
+        rows = tl.arange(0, BT)
+        cv = iv * BVO + tl.arange(0, BVO)
+        offk, offv = _head(bh, T, H, K, V)
+        st = states + (bh * NT + n) * K * V
+        if JOIN:  # before the body's tiles are live, in slices unrolled so that their loads overlap
+            for r in tl.static_range(0, K // JR):
+                cj = r * JR + tl.arange(0, JR)
+                off = cj[:, None] * V + cv[None, :]
+                joined = _join(tl.load(st + off), decay, h_in, bh, n, NT, NSEG, cj, off, K, V)
+                tl.store(st + off, joined.to(states.dtype.element_ty))
+            tl.debug_barrier()  # what one thread stored, others read back below
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        oc = tl.zeros([BT, BVO], dtype=tl.float32)
+        bad = tl.zeros([], dtype=tl.int8)
+        for kb in range(0, K // BK):
+            ck = kb * BK + tl.arange(0, BK)
+            qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
+            gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
+            b = tl.cumsum(gc, 0)
+            b_last = tl.sum(gc, 0)
+            k = -_expm1(gc)
+            A_kb, start, end = _pairs_A(qs, k, gc, b, b_last, rows, DT, PREC, BT, BC, BK, FAST_RANGE, GENERAL)
+            A += A_kb
+            bad = tl.maximum(bad, _bad(b_last, FAST_RANGE))
+            if DV:
+                x = k * end
+            else:
+                x = qs * start
+            h = tl.load(st + ck[:, None] * V + cv[None, :])
+            oc += tl.dot(x.to(DT), h.to(DT), input_precision=PREC)
+        vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
+        if DV:
+            oc += tl.dot(tl.trans(A.to(DT)), vc, input_precision=PREC)
+        else:
+            oc += tl.dot(A.to(DT), vc, input_precision=PREC)
+        _store_tile(o + offv, oc, t0, T, H * V, rows, cv)
+        if not GENERAL:
+            tl.store(flags + pid, bad)
+
+    @triton.jit
     def _out_kernel(
         q, g, v, states, o,  # q, g [B, T, H, K]; v, o [B, T, H, V]; states [B*H, NT, K, V]
         T, H, scale, flags,  # flags [grid size] int8: programs the GENERAL variant redoes
@@ -564,6 +618,7 @@ if triton is not None:
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
         DV: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr, JOIN: tl.constexpr, JR: tl.constexpr,
+        REDO: tl.constexpr,
     ):
         """One chunk, BVO value channels; A built over key blocks in registers, never stored.
 
@@ -572,61 +627,28 @@ if triton is not None:
                                                                           states: end gradients)
         Launched twice where `_launch_chunks` says so: the first variant takes the whole-chunk
         in-chunk path only and flags the programs whose chunk decays past it; the GENERAL, FLAGGED
-        variant redoes those and returns at once elsewhere. Else once, GENERAL and not FLAGGED.
+        variant redoes those (`_redone`: each of its programs covers REDO chunks) and returns at
+        once elsewhere. Else once, GENERAL and not FLAGGED.
 
         JOIN (first launch only): the states come from a segmented walk, local to their segment;
         each program first makes its own [K, BVO] slice of chunk n's state global (`_join`) in
         place, for itself and the kernels after it: the fixup kernel's work without its separate
         pass over the states (the re-read comes from L2).
         """
-        iv, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
-        pid = (bh * NT + n) * (V // BVO) + iv
         # Inductor passes Python floats as fp64 scalars (or constexprs): keep every tile fp32.
         scale = tl.cast(scale, tl.float32)
-        run = True
         if FLAGGED:
-            run = tl.load(flags + pid) != 0
-        if run:
-            t0 = n * BT
-            rows = tl.arange(0, BT)
-            cv = iv * BVO + tl.arange(0, BVO)
-            offk, offv = _head(bh, T, H, K, V)
-            st = states + (bh * NT + n) * K * V
-            if JOIN:  # before the body's tiles are live, in slices unrolled so that their loads overlap
-                for r in tl.static_range(0, K // JR):
-                    cj = r * JR + tl.arange(0, JR)
-                    off = cj[:, None] * V + cv[None, :]
-                    joined = _join(tl.load(st + off), decay, h_in, bh, n, NT, NSEG, cj, off, K, V)
-                    tl.store(st + off, joined.to(states.dtype.element_ty))
-                tl.debug_barrier()  # what one thread stored, others read back below
-            A = tl.zeros([BT, BT], dtype=tl.float32)
-            oc = tl.zeros([BT, BVO], dtype=tl.float32)
-            bad = tl.zeros([], dtype=tl.int8)
-            for kb in range(0, K // BK):
-                ck = kb * BK + tl.arange(0, BK)
-                qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
-                gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
-                b = tl.cumsum(gc, 0)
-                b_last = tl.sum(gc, 0)
-                k = -_expm1(gc)
-                A_kb, start, end = _pairs_A(qs, k, gc, b, b_last, rows, DT, PREC, BT, BC, BK, FAST_RANGE, GENERAL)
-                A += A_kb
-                bad = tl.maximum(bad, _bad(b_last, FAST_RANGE))
-                if DV:
-                    x = k * end
-                else:
-                    x = qs * start
-                h = tl.load(st + ck[:, None] * V + cv[None, :])
-                oc += tl.dot(x.to(DT), h.to(DT), input_precision=PREC)
-            vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
-            if DV:
-                oc += tl.dot(tl.trans(A.to(DT)), vc, input_precision=PREC)
-            else:
-                oc += tl.dot(A.to(DT), vc, input_precision=PREC)
-            _store_tile(o + offv, oc, t0, T, H * V, rows, cv)
-            if not GENERAL:
-                tl.store(flags + pid, bad)
+            iv, nb, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+            fl = _redone(flags, (bh * NT + nb * REDO) * (V // BVO) + iv, V // BVO, nb * REDO, NT, REDO)
+            if tl.max(fl, 0) != 0:
+                for r in range(REDO):
+                    if tl.sum(tl.where(tl.arange(0, REDO) == r, fl, 0), 0) != 0:
+                        _out_chunk(q, g, v, states, o, T, H, scale, flags, decay, h_in, NSEG, iv, nb * REDO + r, bh,
+                                   NT, K, V, BT, BC, BK, BVO, DT, PREC, FAST_RANGE, DV, GENERAL, JOIN, JR)
+        else:
+            _out_chunk(q, g, v, states, o, T, H, scale, flags, decay, h_in, NSEG, tl.program_id(0), tl.program_id(1),
+                       tl.program_id(2), NT, K, V, BT, BC, BK, BVO, DT, PREC, FAST_RANGE, DV, GENERAL, JOIN, JR)
 
     @triton.jit
     def _walk_out_half(q, g, states, h, vc, A, oc, bad, offk, t0, T, H, scale, rows, ck, state_off,
@@ -738,6 +760,76 @@ if triton is not None:
             tl.store(hT + bh * K * V + off_hi, h_hi)
 
     @triton.jit
+    def _dqg_chunk(q, g, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits, f_logits, lb, dlb_part,
+                   ik, n, bh, NT,
+                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
+                   FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr, GATES: tl.constexpr, HAS_LB: tl.constexpr):
+        """`_dqg_kernel`'s work for chunk n, key block ik of head bh."""
+        pid = (bh * NT + n) * (K // BK) + ik
+        t0 = n * BT
+        rows = tl.arange(0, BT)
+        ck = ik * BK + tl.arange(0, BK)
+        offk, offv = _head(bh, T, H, K, V)
+        st = states + (bh * NT + n) * K * V
+        dst = dstates + (bh * NT + n) * K * V
+        dA = tl.zeros([BT, BT], dtype=tl.float32)
+        dq_h = tl.zeros([BT, BK], dtype=tl.float32)  # do @ h_start^T
+        dk_h = tl.zeros([BT, BK], dtype=tl.float32)  # v @ dh_end^T
+        outside = tl.zeros([BK], dtype=tl.float32)  # rowsum(dh_end * h_start)
+        for iv in range(0, V // BV):
+            cv = iv * BV + tl.arange(0, BV)
+            vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
+            doc = _load_tile(do + offv, t0, T, H * V, rows, cv).to(DT)
+            h = tl.load(st + ck[:, None] * V + cv[None, :])
+            dh = tl.load(dst + ck[:, None] * V + cv[None, :])
+            dA += tl.dot(doc, tl.trans(vc), input_precision=PREC)
+            dq_h += tl.dot(doc, tl.trans(h.to(DT)), input_precision=PREC)
+            dk_h += tl.dot(vc, tl.trans(dh.to(DT)), input_precision=PREC)
+            outside += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 1)
+        # Both loads issued before either is used (1.5% faster fwd+bwd than converting q between
+        # them; issuing them before the value loop instead was 2% slower: H100, 2026-11-24).
+        q_tile = _load_tile(q + offk, t0, T, H * K, rows, ck)
+        gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
+        qs = q_tile.to(tl.float32) * scale
+        b = tl.cumsum(gc, 0)
+        b_last = tl.sum(gc, 0)
+        k = -_expm1(gc)
+        # Pairs j < i through _pairs_grad; the diagonal (decay exp(0) = 1) on its own, so that dg
+        # below never cancels it (see chunk_hgrn2_bwd_ref).
+        diag = tl.sum(tl.where(rows[:, None] == rows[None, :], dA, 0.0), 1)
+        dA = tl.where(rows[:, None] > rows[None, :], dA, 0.0)
+        # dq_sum = exp(b) dq_h + (pairs), so that dq = scale * (dq_sum + diag k).
+        dq_sum, dk_h, dk_in = _pairs_grad(qs, k, gc, b, b_last, dA, dq_h, dk_h, rows, DT, PREC, BT, BC, BK,
+                                          FAST_RANGE, GENERAL)
+        dqc = scale * (dq_sum + diag[:, None] * k)
+        dkc = dk_h + dk_in + diag[:, None] * qs
+        # sum over j < t of k_j dk_h_j: a strictly lower-triangular matmul instead of an inclusive
+        # cumsum minus the row (which would cancel when the row dominates).
+        before = (rows[:, None] > rows[None, :]).to(tl.float32)
+        keys_before = tl.dot(before, k * dk_h, input_precision=PREC32)
+        later = tl.cumsum(qs * dq_sum - k * dk_in, 0, reverse=True)
+        dgc = _exp(b_last)[None, :] * outside[None, :] + keys_before + later - _exp(gc) * dkc
+        if GATES:  # on through the gates to their logits (`gates_bwd`)
+            x = _load_tile(q_logits + offk, t0, T, H * K, rows, ck).to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp(-x))
+            dqc = dqc * sig * (1.0 + x * (1.0 - sig))  # silu'
+            f = _load_tile(f_logits + offk, t0, T, H * K, rows, ck).to(tl.float32)
+            log_s, rest = _sigmoid_terms(f)  # log sigmoid(f), sigmoid(-f)
+            if HAS_LB:
+                cols = (bh % H) * K + ck
+                dlb = tl.where(((t0 + rows) < T)[:, None], dgc * rest * tl.exp(-gc), 0.0)
+                tl.store(dlb_part + ((bh // H) * NT + n) * H * K + cols, tl.sum(dlb, 0))
+                log1m_lb = _log1p(-tl.load(lb + cols))
+                dgc = dgc * rest * tl.exp(log1m_lb[None, :] + log_s - gc)
+            else:
+                dgc = dgc * rest
+        _store_tile(dq + offk, dqc, t0, T, H * K, rows, ck)
+        _store_tile(dg + offk, dgc, t0, T, H * K, rows, ck)
+        if not GENERAL:
+            tl.store(flags + pid, _bad(b_last, FAST_RANGE))
+
+    @triton.jit
     def _dqg_kernel(
         q, g, v, do,  # [B, T, H, K] / [B, T, H, V]
         states, dstates,  # [B*H, NT, K, V]: chunk-start states; gradients of chunk-end states
@@ -748,82 +840,28 @@ if triton is not None:
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
         FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr,
-        GATES: tl.constexpr, HAS_LB: tl.constexpr,
+        GATES: tl.constexpr, HAS_LB: tl.constexpr, REDO: tl.constexpr,
     ):
         """dq and dg of one chunk and BK key channels (formulas in chunk_hgrn2_bwd_ref): every
         term is separable over the key channels. Two variants as in `_out_kernel`. The key
         blocks of a chunk are neighbours in the grid, so v and do, which each reads whole, come
         from L2 after the first."""
-        ik, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         NT = tl.cdiv(T, BT)
-        pid = (bh * NT + n) * (K // BK) + ik
         # Inductor passes Python floats as fp64 scalars (or constexprs): keep every tile fp32.
         scale = tl.cast(scale, tl.float32)
-        run = True
-        if FLAGGED:
-            run = tl.load(flags + pid) != 0
-        if run:
-            t0 = n * BT
-            rows = tl.arange(0, BT)
-            ck = ik * BK + tl.arange(0, BK)
-            offk, offv = _head(bh, T, H, K, V)
-            st = states + (bh * NT + n) * K * V
-            dst = dstates + (bh * NT + n) * K * V
-            dA = tl.zeros([BT, BT], dtype=tl.float32)
-            dq_h = tl.zeros([BT, BK], dtype=tl.float32)  # do @ h_start^T
-            dk_h = tl.zeros([BT, BK], dtype=tl.float32)  # v @ dh_end^T
-            outside = tl.zeros([BK], dtype=tl.float32)  # rowsum(dh_end * h_start)
-            for iv in range(0, V // BV):
-                cv = iv * BV + tl.arange(0, BV)
-                vc = _load_tile(v + offv, t0, T, H * V, rows, cv).to(DT)
-                doc = _load_tile(do + offv, t0, T, H * V, rows, cv).to(DT)
-                h = tl.load(st + ck[:, None] * V + cv[None, :])
-                dh = tl.load(dst + ck[:, None] * V + cv[None, :])
-                dA += tl.dot(doc, tl.trans(vc), input_precision=PREC)
-                dq_h += tl.dot(doc, tl.trans(h.to(DT)), input_precision=PREC)
-                dk_h += tl.dot(vc, tl.trans(dh.to(DT)), input_precision=PREC)
-                outside += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 1)
-            # Both loads issued before either is used (1.5% faster fwd+bwd than converting q between
-            # them; issuing them before the value loop instead was 2% slower: H100, 2026-11-24).
-            q_tile = _load_tile(q + offk, t0, T, H * K, rows, ck)
-            gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
-            qs = q_tile.to(tl.float32) * scale
-            b = tl.cumsum(gc, 0)
-            b_last = tl.sum(gc, 0)
-            k = -_expm1(gc)
-            # Pairs j < i through _pairs_grad; the diagonal (decay exp(0) = 1) on its own, so that dg
-            # below never cancels it (see chunk_hgrn2_bwd_ref).
-            diag = tl.sum(tl.where(rows[:, None] == rows[None, :], dA, 0.0), 1)
-            dA = tl.where(rows[:, None] > rows[None, :], dA, 0.0)
-            # dq_sum = exp(b) dq_h + (pairs), so that dq = scale * (dq_sum + diag k).
-            dq_sum, dk_h, dk_in = _pairs_grad(qs, k, gc, b, b_last, dA, dq_h, dk_h, rows, DT, PREC, BT, BC, BK,
-                                              FAST_RANGE, GENERAL)
-            dqc = scale * (dq_sum + diag[:, None] * k)
-            dkc = dk_h + dk_in + diag[:, None] * qs
-            # sum over j < t of k_j dk_h_j: a strictly lower-triangular matmul instead of an inclusive
-            # cumsum minus the row (which would cancel when the row dominates).
-            before = (rows[:, None] > rows[None, :]).to(tl.float32)
-            keys_before = tl.dot(before, k * dk_h, input_precision=PREC32)
-            later = tl.cumsum(qs * dq_sum - k * dk_in, 0, reverse=True)
-            dgc = _exp(b_last)[None, :] * outside[None, :] + keys_before + later - _exp(gc) * dkc
-            if GATES:  # on through the gates to their logits (`gates_bwd`)
-                x = _load_tile(q_logits + offk, t0, T, H * K, rows, ck).to(tl.float32)
-                sig = 1.0 / (1.0 + tl.exp(-x))
-                dqc = dqc * sig * (1.0 + x * (1.0 - sig))  # silu'
-                f = _load_tile(f_logits + offk, t0, T, H * K, rows, ck).to(tl.float32)
-                log_s, rest = _sigmoid_terms(f)  # log sigmoid(f), sigmoid(-f)
-                if HAS_LB:
-                    cols = (bh % H) * K + ck
-                    dlb = tl.where(((t0 + rows) < T)[:, None], dgc * rest * tl.exp(-gc), 0.0)
-                    tl.store(dlb_part + ((bh // H) * NT + n) * H * K + cols, tl.sum(dlb, 0))
-                    log1m_lb = _log1p(-tl.load(lb + cols))
-                    dgc = dgc * rest * tl.exp(log1m_lb[None, :] + log_s - gc)
-                else:
-                    dgc = dgc * rest
-            _store_tile(dq + offk, dqc, t0, T, H * K, rows, ck)
-            _store_tile(dg + offk, dgc, t0, T, H * K, rows, ck)
-            if not GENERAL:
-                tl.store(flags + pid, _bad(b_last, FAST_RANGE))
+        if FLAGGED:  # as in _out_kernel
+            ik, nb, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+            fl = _redone(flags, (bh * NT + nb * REDO) * (K // BK) + ik, K // BK, nb * REDO, NT, REDO)
+            if tl.max(fl, 0) != 0:
+                for r in range(REDO):
+                    if tl.sum(tl.where(tl.arange(0, REDO) == r, fl, 0), 0) != 0:
+                        _dqg_chunk(q, g, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits, f_logits, lb,
+                                   dlb_part, ik, nb * REDO + r, bh, NT,
+                                   K, V, BT, BC, BK, BV, DT, PREC, PREC32, FAST_RANGE, GENERAL, GATES, HAS_LB)
+        else:
+            _dqg_chunk(q, g, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits, f_logits, lb, dlb_part,
+                       tl.program_id(0), tl.program_id(1), tl.program_id(2), NT,
+                       K, V, BT, BC, BK, BV, DT, PREC, PREC32, FAST_RANGE, GENERAL, GATES, HAS_LB)
 
 
 def _launch(kernel):
@@ -832,25 +870,41 @@ def _launch(kernel):
     return kernel if _INTERPRETING else wrap_triton(kernel)
 
 
+def _redo_chunks(grid, device: torch.device) -> int:
+    """Chunks each program of a FLAGGED launch covers: the first launch's programs over at least
+    two per SM, a power of two up to 16. Most chunks are never flagged, and the FLAGGED launch's
+    programs, compiled for every path, fit one or two to an SM: one per chunk, they only load a
+    flag and return, but the GPU still starts them wave after wave (dq/dg 15.5 us and the out
+    kernel 6 us a launch at 8 x 2048 x 8, H100, 2026-11-24). Where every chunk is flagged, a
+    program walks its REDO chunks in about the waves the one-per-chunk launch took."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    redo = 1
+    while redo < 16 and grid[0] * grid[1] * grid[2] >= 2 * redo * 2 * sms:
+        redo *= 2
+    return redo
+
+
 def _launch_chunks(kernel, grid, *args, JOIN=None, flags=None, **meta):
-    """Launches the out or dq/dg kernel over its grid: where K and V are at least
-    CONFIG["two_pass_min_dim"], as its whole-chunk variant and then its GENERAL, FLAGGED variant,
-    which redoes the programs the first flagged (chunks decaying by more than e^120) and returns
-    elsewhere; else once, GENERAL for every program. JOIN (the out kernel's; None for dq/dg)
-    goes to the first launch only: the states it joins are global for the second. flags given:
-    another kernel did the first variant's work and flagged (`_walk_out_kernel`); only the
-    second launch runs."""
+    """Launches the out or dq/dg kernel over its grid (chunks along its second axis): where K and V
+    are at least CONFIG["two_pass_min_dim"], as its whole-chunk variant and then its GENERAL,
+    FLAGGED variant, which redoes the programs the first flagged (chunks decaying by more than
+    e^120), REDO chunks a program (`_redo_chunks`); else once, GENERAL for every program. JOIN (the
+    out kernel's; None for dq/dg) goes to the first launch only: the states it joins are global for
+    the second. flags given: another kernel did the first variant's work and flagged
+    (`_walk_out_kernel`); only the second launch runs."""
     join = {} if JOIN is None else {"JOIN": JOIN}
-    off = {k: False for k in join}
+    redo = _redo_chunks(grid, args[0].device)
+    redo_grid = (grid[0], triton.cdiv(grid[1], redo), grid[2])
+    again = dict(flags=flags, GENERAL=True, FLAGGED=True, REDO=redo, **{k: False for k in join}, **meta)
     if flags is not None:
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=True, **off, **meta)
+        _launch(kernel)[redo_grid](*args, **again)
         return
-    flags = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
+    flags = again["flags"] = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
     if min(meta["K"], meta["V"]) >= CONFIG["two_pass_min_dim"]:
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=False, FLAGGED=False, **join, **meta)
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=True, **off, **meta)
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=False, FLAGGED=False, REDO=1, **join, **meta)
+        _launch(kernel)[redo_grid](*args, **again)
     else:
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=False, **join, **meta)
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=False, REDO=1, **join, **meta)
 
 
 def _dot_config(dtype: torch.dtype):
