@@ -201,15 +201,17 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #
 # The out and dq/dg kernels compile the whole-chunk path alone for their first launch (most
 # chunks; fewer registers, fewer spills) and redo the programs it flags (chunks decaying past
-# e^120) in a second launch that takes every path (`_launch_chunks`).
+# e^120) in a second launch that takes every path, each of its programs covering several chunks
+# (`_launch_chunks`, `_redo_chunks`).
 #
 # Measured (H100, Triton 3.6, 2026-11-24, benchmarks/RESULTS.md, eleventh session), GPU time: bf16
-# B=8 T=2048 H=8 K=V=128, 0.232 ms forward and 0.860 ms forward+backward (fla's chunk_gla 0.431 /
-# 1.714 in the same run; 1.96x to 2.79x over the benchmark shapes); per kernel, dq/dg 0.39, out +
-# dv 0.29, both state walks 0.16 (paired tiles) and their segment walks 0.014. Every kernel uses
-# 222-255 registers per thread (at 8 warps the dq/dg kernel fits one program per SM, so its loads
-# are not hidden behind another program's math) and issues mostly elementwise fp32 work (Nsight
-# Compute: ~1.2 instructions per cycle, FMUL/FADD/FFMA the largest share). By bytes moved (g fp32
+# B=8 T=2048 H=8 K=V=128, 0.230 ms forward and 0.847 ms forward+backward (fla's chunk_gla 0.435 /
+# 1.725 in the same run; 2.01x to 2.83x over the benchmark shapes); per kernel, dq/dg 0.38, out +
+# dv 0.28, both state walks 0.16 (paired tiles) and their segment walks 0.014. Every kernel uses
+# 222-255 registers per thread: one 8-warp or two 4-warp programs per SM (12% occupancy), each
+# loading and then computing, with no other program's math to hide its loads behind (Nsight
+# Compute: the out kernel waits on loads for 46% of its stall samples, dq/dg for 23%; ~1.2
+# instructions per cycle, FMUL/FADD/FFMA the largest share). By bytes moved (g fp32
 # and the states dominate; ~1.3 GB at 8 x 2048 x 8) this design needs ~0.44 ms forward+backward
 # even at full copy bandwidth. Trading either way was slower on the H100 (2026-11-24,
 # benchmarks/RESULTS.md, ninth session): a register cap for two programs per SM spills (dq/dg 0.49
