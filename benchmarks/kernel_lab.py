@@ -53,15 +53,17 @@ LAB = os.environ.get("LAB", "state,out,dqg").split(",")
 for BS, warps, stages, rev in itertools.product([32, 64], [4, 8], [1, 3], [False, True]) if "state" in LAB else []:
     report("state", C._state_kernel, (K // BS, V // BS, B * H),
            (q, g, do if rev else v, hT, states, hT, hT, hT, T, H, s, 1), dict(BS=BS, REVERSE=rev),
-           HAS_H0=False, SEGMENTED=False, num_warps=warps, num_stages=stages, **common)
+           HAS_H0=False, SEGMENTED=False, STORE_STATES=True, PAIR=False, num_warps=warps, num_stages=stages,
+           **common)
 
 for BK, BVO, warps, dv_ in itertools.product([32, 64, 128], [64, 128], [4, 8], [False, True]) if "out" in LAB else []:
     # The whole-chunk variant: the GENERAL one only redoes flagged programs (none with these gates).
-    report("out", C._out_kernel, (V // BVO, NT, B * H), (q, g, v, states, o, T, H, s, flags),
+    report("out", C._out_kernel, (V // BVO, NT, B * H), (q, g, v, states, o, T, H, s, flags, hT, hT, 1),
            dict(BK=BK, BVO=BVO, DV=dv_), BC=16, FAST_RANGE=C._FAST_RANGE, GENERAL=False, FLAGGED=False, REDO=1,
-           num_warps=warps, **common)
+           JOIN=False, JR=32, num_warps=warps, **common)
 
 for BK, warps in itertools.product([16, 32, 64], [4, 8]) if "dqg" in LAB else []:
-    report("dqg", C._dqg_kernel, (K // BK, NT, B * H), (q, g, v, do, states, dstates, dq, dg, T, H, s, flags),
-           dict(BK=BK, BV=BK), BC=16, PREC32=PREC32, FAST_RANGE=C._FAST_RANGE, GENERAL=False, FLAGGED=False, REDO=1,
+    report("dqg", C._dqg_kernel, (K // BK, NT, B * H),
+           (q, g, v, do, states, dstates, dq, dg, T, H, s, flags, q, q, q, hT), dict(BK=BK, BV=BK), BC=16,
+           PREC32=PREC32, FAST_RANGE=C._FAST_RANGE, GENERAL=False, FLAGGED=False, REDO=1, GATES=False, HAS_LB=False,
            num_warps=warps, **common)
