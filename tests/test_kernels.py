@@ -213,6 +213,27 @@ def test_triton_kernels_segmented_state_walk(T, with_state, gate, K, V, walk_out
     assert all(e <= TOL for e in errs.values()), errs
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("nseg", [1, 2, 3, 5, 8])
+def test_segment_kernel_joins_any_number_of_segments(nseg, reverse):
+    """The walk over the segments' ends (`_segment_kernel`): the state entering each segment and
+    the final one, against a loop, for counts the op launches (powers of two) and others (3, 5),
+    so that a kernel taking several segments a step is checked at its ragged end too."""
+    BH, K, V, BS = 2, 32, 32, 16
+    gen = torch.Generator().manual_seed(nseg)
+    seg_end = torch.randn(BH, nseg, K, V, generator=gen).to(DEVICE)
+    seg_decay = torch.rand(BH, nseg, K, generator=gen).to(DEVICE)
+    h_in = torch.full((BH, nseg, K, V), float("nan"), device=DEVICE)
+    hT = torch.empty(BH, K, V, device=DEVICE)
+    C._segment_kernel[(K // BS, V // BS, BH)](seg_end, seg_decay, h_in, hT, nseg, K=K, V=V, BS=BS, REVERSE=reverse)
+    h, want_in = torch.zeros(BH, K, V, device=DEVICE), torch.empty_like(h_in)
+    for s in (reversed(range(nseg)) if reverse else range(nseg)):
+        want_in[:, s] = h
+        h = seg_decay[:, s, :, None] * h + seg_end[:, s]
+    assert torch.allclose(h_in, want_in, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(hT, h, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("segmented", [False, True])
 def test_triton_backward_from_kept_states(segmented, monkeypatch):
     """The backward given the forward's states (CONFIG keep_states) equals the one that walks the
