@@ -566,6 +566,11 @@ if triton is not None:
         return (tl.load(flags + first + tl.arange(0, REDO) * stride, mask=ns < NT, other=0) != 0).to(tl.int32)
 
     @triton.jit
+    def _redone_at(fl, r, REDO: tl.constexpr):
+        """Whether the r-th of `_redone`'s flags is set (one term survives the sum)."""
+        return tl.sum(tl.where(tl.arange(0, REDO) == r, fl, 0), 0) != 0
+
+    @triton.jit
     def _out_chunk(q, g, v, states, o, T, H, scale, flags, decay, h_in, NSEG, iv, n, bh, NT,
                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                    BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
@@ -645,7 +650,7 @@ if triton is not None:
             fl = _redone(flags, (bh * NT + nb * REDO) * (V // BVO) + iv, V // BVO, nb * REDO, NT, REDO)
             if tl.max(fl, 0) != 0:
                 for r in range(REDO):
-                    if tl.sum(tl.where(tl.arange(0, REDO) == r, fl, 0), 0) != 0:
+                    if _redone_at(fl, r, REDO):
                         _out_chunk(q, g, v, states, o, T, H, scale, flags, decay, h_in, NSEG, iv, nb * REDO + r, bh,
                                    NT, K, V, BT, BC, BK, BVO, DT, PREC, FAST_RANGE, DV, GENERAL, JOIN, JR)
         else:
@@ -856,7 +861,7 @@ if triton is not None:
             fl = _redone(flags, (bh * NT + nb * REDO) * (K // BK) + ik, K // BK, nb * REDO, NT, REDO)
             if tl.max(fl, 0) != 0:
                 for r in range(REDO):
-                    if tl.sum(tl.where(tl.arange(0, REDO) == r, fl, 0), 0) != 0:
+                    if _redone_at(fl, r, REDO):
                         _dqg_chunk(q, g, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits, f_logits, lb,
                                    dlb_part, ik, nb * REDO + r, bh, NT,
                                    K, V, BT, BC, BK, BV, DT, PREC, PREC32, FAST_RANGE, GENERAL, GATES, HAS_LB)
@@ -895,18 +900,15 @@ def _launch_chunks(kernel, grid, *args, JOIN=None, flags=None, **meta):
     the second. flags given: another kernel did the first variant's work and flagged
     (`_walk_out_kernel`); only the second launch runs."""
     join = {} if JOIN is None else {"JOIN": JOIN}
-    redo = _redo_chunks(grid, args[0].device)
-    redo_grid = (grid[0], triton.cdiv(grid[1], redo), grid[2])
-    again = dict(flags=flags, GENERAL=True, FLAGGED=True, REDO=redo, **{k: False for k in join}, **meta)
-    if flags is not None:
-        _launch(kernel)[redo_grid](*args, **again)
-        return
-    flags = again["flags"] = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
-    if min(meta["K"], meta["V"]) >= CONFIG["two_pass_min_dim"]:
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=False, FLAGGED=False, REDO=1, **join, **meta)
-        _launch(kernel)[redo_grid](*args, **again)
-    else:
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=True, FLAGGED=False, REDO=1, **join, **meta)
+    flagged = flags is not None
+    two_pass = flagged or min(meta["K"], meta["V"]) >= CONFIG["two_pass_min_dim"]
+    if not flagged:
+        flags = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=not two_pass, FLAGGED=False, REDO=1, **join, **meta)
+    if two_pass:
+        redo = _redo_chunks(grid, args[0].device)
+        _launch(kernel)[(grid[0], triton.cdiv(grid[1], redo), grid[2])](
+            *args, flags=flags, GENERAL=True, FLAGGED=True, REDO=redo, **{k: False for k in join}, **meta)
 
 
 def _dot_config(dtype: torch.dtype):
