@@ -2,17 +2,18 @@
 
     git show HEAD:kernels/chunk.py > /tmp/chunk_a.py
     python benchmarks/ab_chunk.py /tmp/chunk_a.py [--rounds 9] [--shapes 8x2048x8,2x8192x8] \
-        [--configs '[{"dqg_stages": 2}]'] [--dim 128] [--gates uniform30]
+        [--configs '[{"dqg_stages": 2}]'] [--dim 128] [--gates uniform30] [--also /tmp/chunk_c.py ...]
 
-Versions: A, the file given; B, the working tree's `hgrn2mini.kernels.chunk`; and B with each
-CONFIG update of --configs. Each runs forward + backward as the op does (the forward's states
-kept), K = V = --dim (128), bf16, kernels launched raw (not through wrap_triton, whose dispatch outside a
-triton_op costs more than the kernels), captured once in a CUDA graph so that host overhead is
-not timed. Each round replays every version's graph under do_bench; the table gives the median
-over rounds and the median of the per-round ratios to A. On the H100 the same call's time drifts
-by up to ~1.4x between seconds (benchmarks/same_buffers.py, 2026-11-24): only interleaved ratios
-compare versions. Then each version's per-kernel GPU times (torch.profiler, summed per kernel
-name, mean per call), and B's largest difference from A relative to A's largest value.
+Versions: A, the file given; B, the working tree's `hgrn2mini.kernels.chunk`; each file of --also
+(named by its file name); and B with each CONFIG update of --configs. Each runs forward + backward
+as the op does (the forward's states kept), K = V = --dim (128), bf16, kernels launched raw (not
+through wrap_triton, whose dispatch outside a triton_op costs more than the kernels), captured once
+in a CUDA graph so that host overhead is not timed. Each round replays every version's graph under
+do_bench; the table gives the median over rounds and the median of the per-round ratios to A. On the
+H100 the same call's time drifts by up to ~1.4x between seconds (benchmarks/same_buffers.py,
+2026-11-24): only interleaved ratios compare versions. Then each version's per-kernel GPU times
+(torch.profiler, summed per kernel name, mean per call), and B's largest difference from A relative
+to A's largest value.
 """
 
 import argparse
@@ -37,13 +38,23 @@ p.add_argument("--shapes", default="8x2048x8,2x8192x8")
 p.add_argument("--configs", default="[]")
 p.add_argument("--dim", type=int, default=128, help="K = V")
 p.add_argument("--gates", default="logsigmoid", help="as bench_chunk.inputs: logsigmoid or uniform30")
+p.add_argument("--also", action="append", default=[], help="another version's chunk.py (repeatable)")
 args = p.parse_args()
-spec = importlib.util.spec_from_file_location("chunk_a", args.old)
-old = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(old)
-bases = {mod: (dict(mod.CONFIG), dict(mod.FAST)) for mod in (old, tree)}
-versions = [("A", old, {}), ("B", tree, {})] + [(f"B+{json.dumps(c)}", tree, c) for c in json.loads(args.configs)]
-for mod in (old, tree):
+
+
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+old = load(args.old, "chunk_a")
+also = [(os.path.basename(path), load(path, f"chunk_also{i}")) for i, path in enumerate(args.also)]
+versions = ([("A", old, {}), ("B", tree, {})] + [(name, mod, {}) for name, mod in also]
+            + [(f"B+{json.dumps(c)}", tree, c) for c in json.loads(args.configs)])
+bases = {mod: (dict(mod.CONFIG), dict(mod.FAST)) for _, mod, _ in versions}
+for mod in bases:
     mod._launch = lambda kernel: kernel
 
 

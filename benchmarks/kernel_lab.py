@@ -20,6 +20,7 @@ q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
 v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
 do = torch.randn_like(v)
 g = F.logsigmoid(torch.randn(B, T, H, K, device=dev))
+gcum = torch.cat([x.cumsum(1) for x in g.split(64, 1)], 1)  # b within each chunk, as the dv kernel stores it
 s = K**-0.5
 NT = (T + 63) // 64
 DT, PREC, PREC32 = C._dot_config(q.dtype)
@@ -58,12 +59,12 @@ for BS, warps, stages, rev in itertools.product([32, 64], [4, 8], [1, 3], [False
 
 for BK, BVO, warps, dv_ in itertools.product([32, 64, 128], [64, 128], [4, 8], [False, True]) if "out" in LAB else []:
     # The whole-chunk variant: the GENERAL one only redoes flagged programs (none with these gates).
-    report("out", C._out_kernel, (V // BVO, NT, B * H), (q, g, v, states, o, T, H, s, flags, hT, hT, 1),
+    report("out", C._out_kernel, (V // BVO, NT, B * H), (q, g, gcum, v, states, o, T, H, s, flags, hT, hT, 1),
            dict(BK=BK, BVO=BVO, DV=dv_), BC=16, FAST_RANGE=C._FAST_RANGE, GENERAL=False, FLAGGED=False, REDO=1,
-           JOIN=False, JR=32, num_warps=warps, **common)
+           JOIN=False, JR=32, STORE_GCUM=False, num_warps=warps, **common)
 
 for BK, warps in itertools.product([16, 32, 64], [4, 8]) if "dqg" in LAB else []:
     report("dqg", C._dqg_kernel, (K // BK, NT, B * H),
-           (q, g, v, do, states, dstates, dq, dg, T, H, s, flags, q, q, q, hT), dict(BK=BK, BV=BK), BC=16,
+           (q, g, gcum, v, do, states, dstates, dq, dg, T, H, s, flags, q, q, q, hT), dict(BK=BK, BV=BK), BC=16,
            PREC32=PREC32, FAST_RANGE=C._FAST_RANGE, GENERAL=False, FLAGGED=False, REDO=1, GATES=False, HAS_LB=False,
-           num_warps=warps, **common)
+           LOAD_GCUM=True, num_warps=warps, **common)

@@ -54,7 +54,7 @@ K = V = 128
 DT, PREC = tl.bfloat16, "tf32"
 # Argument types of every kernel but `scale` (fp32 from an eager launch, fp64 or a constexpr from
 # Inductor).
-ARGS = dict(q="*bf16", g="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
+ARGS = dict(q="*bf16", g="*fp32", gcum="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
             dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", NSEG="i32", decay="*fp32",
             seg_decay="*fp32", seg_end="*fp32", h_in="*fp32", flags="*i8", lb="*fp32", dlb_part="*fp32",
             q_logits="*bf16", f_logits="*bf16")
@@ -98,12 +98,14 @@ def check(K: int, V: int) -> int:
                      for rev in (False, True) for seg in (False, True)]
     modes = [dict(GENERAL=False, FLAGGED=False, REDO=1), dict(GENERAL=True, FLAGGED=True, REDO=4),
              dict(GENERAL=True, FLAGGED=False, REDO=1)]
-    # The out kernel joins a segmented walk's states in its first (or only) launch, never in the second.
+    # The out kernel joins a segmented walk's states, and stores gcum (dv), in its first (or only)
+    # launch, never in the second.
     variants += [(C._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=dv, JOIN=join, JR=min(K, 32),
-                                      **m))
+                                      STORE_GCUM=dv and not m["FLAGGED"], **m))
                  for dv in (False, True) for m in modes for join in (False, True) if not (join and m["FLAGGED"])]
-    variants += [(C._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0, **m))
-                 for m in modes]
+    variants += [(C._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0,
+                                      LOAD_GCUM=load, **m))
+                 for m in modes for load in (False, True)]
     # Each variant both ways of typing scale; the dq/dg kernel with GATES too (scale as fp64: how
     # a variant types scale does not depend on GATES).
     variants = [(fn, {**consts, **(PLAIN if fn is C._dqg_kernel else {})}, scale) for fn, consts in variants
@@ -121,7 +123,8 @@ def check(K: int, V: int) -> int:
         except Exception as e:  # noqa: BLE001 - reported, counted
             failed += 1
             ok = "FAILED " + str(e).splitlines()[-1][:300]
-        flags = ("REVERSE", "SEGMENTED", "STORE_STATES", "PAIR", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES")
+        flags = ("REVERSE", "SEGMENTED", "STORE_STATES", "PAIR", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES",
+                 "STORE_GCUM", "LOAD_GCUM")
         print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
     return failed
 
@@ -146,7 +149,7 @@ def main():
                                               (64, 128, 8, False, False), (64, 128, 4, False, False),
                                               (32, 128, 8, False, False), (64, 128, 8, True, False)]:
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=60.0, DV=False,
-                     GENERAL=general, FLAGGED=general, JOIN=join, JR=32, REDO=1)
+                     GENERAL=general, FLAGGED=general, JOIN=join, JR=32, REDO=1, STORE_GCUM=False)
             print("out", dict(BK=BK, BVO=BVO, warps=warps, general=general, join=join),
                   usage(C._out_kernel, ptrs, c, warps), flush=True)
     if "walk_out" in what:
@@ -157,15 +160,16 @@ def main():
             print("walk_out", dict(BV=BV, warps=warps, stages=stages, reverse=rev),
                   usage(C._walk_out_kernel, ptrs, c, warps, stages), flush=True)
     if "dqg" in what:
-        for BK, warps, general in [(64, 8, False), (32, 4, False), (32, 8, False), (16, 4, False), (64, 8, True)]:
+        for BK, warps, general, load in [(64, 8, False, True), (64, 8, False, False), (32, 4, False, True),
+                                         (32, 8, False, True), (16, 4, False, True), (64, 8, True, True)]:
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0,
-                     GENERAL=general, FLAGGED=general, REDO=1, **gates)
-            print("dqg", dict(BK=BK, warps=warps, general=general), usage(C._dqg_kernel, ptrs, c, warps),
-                  flush=True)
+                     GENERAL=general, FLAGGED=general, REDO=1, LOAD_GCUM=load, **gates)
+            print("dqg", dict(BK=BK, warps=warps, general=general, load_gcum=load),
+                  usage(C._dqg_kernel, ptrs, c, warps), flush=True)
 
 # What each kernel may write; anything else reported written is an input (or a wrong report).
 OUTPUTS = {"_state_kernel": {"states", "hT", "decay", "seg_decay"}, "_segment_kernel": {"h_in", "hT"},
-           "_fixup_kernel": {"states"}, "_out_kernel": {"o", "flags", "states"},
+           "_fixup_kernel": {"states"}, "_out_kernel": {"o", "flags", "states", "gcum"},
            "_walk_out_kernel": {"states", "o", "hT", "flags"},
            "_dqg_kernel": {"dq", "dg", "flags", "dlb_part"}, "_gates_kernel": {"q", "g"}}
 

@@ -171,9 +171,10 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #                   o = (scale q exp(b)) @ h_start + A @ v, A the in-chunk pair matrix, built in
 #                   registers over key blocks of BK channels and never stored. With DV it reads
 #                   do and the state gradients instead and writes dv = (k exp(b_last - b)) @ dh_end
-#                   + A^T @ do: the same work, transposed.
-#   _dqg_kernel     grid (K/BK, chunks, B*H): reads q, g, v, do, states, state gradients; writes
-#                   dq, dg (fp32). Every term is separable over key channels; dA = do v^T is
+#                   + A^T @ do: the same work, transposed; and b = cumsum(g) in each chunk (gcum,
+#                   fp32, g's size; STORE_GCUM) for the dq/dg kernel.
+#   _dqg_kernel     grid (K/BK, chunks, B*H): reads q, g, gcum, v, do, states, state gradients;
+#                   writes dq, dg (fp32). Every term is separable over key channels; dA = do v^T is
 #                   recomputed by each key block's program (K/BK times). GATES (the gated op):
 #                   also reads the gates' logits and writes their gradients instead (bf16), and
 #                   the lower bound's per-chunk sums: the gates' derivative (kernels/gates.py).
@@ -188,8 +189,13 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #              (CONFIG keep_states; else the backward walks the sequence forward again first).
 #
 # The key k = -expm1(g) and b = cumsum(g) inside the chunk (fp32) are derived from g wherever
-# they are needed, never stored. States are stored in the input dtype (they only feed matmuls
-# whose operands are rounded to it anyway); the final state and d initial state are fp32.
+# they are needed, except that the dq/dg kernel loads b from the dv kernel (gcum, freed with the
+# backward): there the scan came after the value loop with nothing to overlap it (dq/dg 0.372 ->
+# 0.328 ms, the dv kernel's store +0.022; fwd+bwd 1.03-1.06x, H100 2026-11-25). The walks storing
+# b for every later kernel cost them more than the scans it saved (walks 0.160 -> 0.261 ms; the out
+# kernel, loading b and b_last rather than scanning, 0.282 -> 0.307; twelfth session). States are
+# stored in the input dtype (they only feed matmuls whose operands are rounded to it anyway); the
+# final state and d initial state are fp32.
 #
 # In-chunk pairs, exp(b_i - b_j) for j < i, are matmuls of factors with one reference per key
 # channel: (q_i exp(b_i - m)) . (k_j exp(m - b_j)). With m = b_last / 2 every exponent lies in
@@ -216,9 +222,7 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # even at full copy bandwidth. Trading either way was slower on the H100 (2026-11-24,
 # benchmarks/RESULTS.md, ninth session): a register cap for two programs per SM spills (dq/dg 0.49
 # ms at 128 registers), and one backward kernel a chunk (dq/dg and dv, ~200 MB less traffic, half
-# the programs) took 1.10 ms against 0.39 + 0.15. Keeping the in-chunk cumsum of g from the
-# forward walk for the later kernels (tenth session) cost the walk more than the scans it saved.
-# Scanning in registers, the tiles' rows reordered so that a thread holds consecutive steps, made
+# the programs) took 1.10 ms against 0.39 + 0.15. Scanning in registers, the tiles' rows reordered so that a thread holds consecutive steps, made
 # every kernel slower (eleventh session: dq/dg 0.39 -> 0.61 ms, the walks 0.16 -> 0.29).
 # ---------------------------------------------------------------------------------------------
 
@@ -286,6 +290,15 @@ if triton is not None:
     def _head(bh, T, H, K: tl.constexpr, V: tl.constexpr):
         """Offsets of head bh = b * H + h at (b, 0, h, 0) in [B, T, H, K] and [B, T, H, V] tensors."""
         return (bh // H) * T * H * K + (bh % H) * K, (bh // H) * T * H * V + (bh % H) * V
+
+    @triton.jit
+    def _load_gcum(gcum, t0, T, stride, rows, cols, BT: tl.constexpr):
+        """b = cumsum(g) within the chunk at t0 ([BT, len(cols)] fp32, as the dv kernel stored it in
+        gcum, STORE_GCUM) and b_last, b at the chunk's last step ([len(cols)]); rows past T take
+        b_last, as g = 0 there would give."""
+        b_last = tl.load(gcum + (tl.minimum(t0 + BT, T) - 1) * stride + cols)
+        b = _load_tile(gcum, t0, T, stride, rows, cols)
+        return tl.where(((t0 + rows) < T)[:, None], b, b_last[None, :]), b_last
 
     @triton.jit
     def _store_tile(ptr, x, t0, T, stride, rows, cols):
@@ -515,21 +528,49 @@ if triton is not None:
             tl.store(seg_decay + (bh * NSEG + seg) * K + ck, dcum, mask=ck + iv * K < K)  # one value tile stores it
 
     @triton.jit
+    def _segment_load(seg_end, seg_decay, bh, it, NSEG, ck, state_off, K: tl.constexpr, V: tl.constexpr,
+                      REVERSE: tl.constexpr):
+        """The decay and end state of segment `it` of the walk's order (past NSEG: decay 1, end 0,
+        so that passing it changes nothing)."""
+        s = _walk_order(tl.minimum(it, NSEG - 1), 0, NSEG, REVERSE)
+        live = (ck * 0 + it) < NSEG
+        d = tl.load(seg_decay + (bh * NSEG + s) * K + ck, mask=live, other=1.0)
+        e = tl.load(seg_end + (bh * NSEG + s) * K * V + state_off, mask=live[:, None], other=0.0)
+        return d, e
+
+    @triton.jit
+    def _segment_pass(h_in, h, bh, it, d, e, NSEG, ck, state_off, K: tl.constexpr, V: tl.constexpr,
+                      REVERSE: tl.constexpr):
+        """Stores the state entering segment `it` of the walk's order (none past NSEG), returns the
+        state leaving it. The segment's index is worked out here again, not taken from
+        `_segment_load`: torch's analysis of what a kernel writes counts every pointer passed to a
+        call as flowing into what it returns, and would report seg_end and seg_decay written."""
+        s = _walk_order(tl.minimum(it, NSEG - 1), 0, NSEG, REVERSE)
+        tl.store(h_in + (bh * NSEG + s) * K * V + state_off, h, mask=((ck * 0 + it) < NSEG)[:, None])
+        return d[:, None] * h + e
+
+    @triton.jit
     def _segment_kernel(
         seg_end, seg_decay, h_in, hT,  # [B*H, NSEG, K, V], [B*H, NSEG, K], [B*H, NSEG, K, V], [B*H, K, V]
         NSEG, K: tl.constexpr, V: tl.constexpr, BS: tl.constexpr, REVERSE: tl.constexpr,
     ):
-        """The state entering each segment (walking order), from the segments' ends and decays."""
+        """The state entering each segment (walking order), from the segments' ends and decays.
+        Four segments a step: their loads do not depend on the walk, so all four are issued before
+        the first is used (one at a time, each step waited on its own loads)."""
         ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         ck = ik * BS + tl.arange(0, BS)
         cv = iv * BS + tl.arange(0, BS)
         state_off = ck[:, None] * V + cv[None, :]
         h = tl.zeros([BS, BS], dtype=tl.float32)
-        for it in range(0, NSEG):
-            s = _walk_order(it, 0, NSEG, REVERSE)
-            tl.store(h_in + (bh * NSEG + s) * K * V + state_off, h)
-            d = tl.load(seg_decay + (bh * NSEG + s) * K + ck)
-            h = d[:, None] * h + tl.load(seg_end + (bh * NSEG + s) * K * V + state_off)
+        for it in range(0, NSEG, 4):
+            d0, e0 = _segment_load(seg_end, seg_decay, bh, it, NSEG, ck, state_off, K, V, REVERSE)
+            d1, e1 = _segment_load(seg_end, seg_decay, bh, it + 1, NSEG, ck, state_off, K, V, REVERSE)
+            d2, e2 = _segment_load(seg_end, seg_decay, bh, it + 2, NSEG, ck, state_off, K, V, REVERSE)
+            d3, e3 = _segment_load(seg_end, seg_decay, bh, it + 3, NSEG, ck, state_off, K, V, REVERSE)
+            h = _segment_pass(h_in, h, bh, it, d0, e0, NSEG, ck, state_off, K, V, REVERSE)
+            h = _segment_pass(h_in, h, bh, it + 1, d1, e1, NSEG, ck, state_off, K, V, REVERSE)
+            h = _segment_pass(h_in, h, bh, it + 2, d2, e2, NSEG, ck, state_off, K, V, REVERSE)
+            h = _segment_pass(h_in, h, bh, it + 3, d3, e3, NSEG, ck, state_off, K, V, REVERSE)
         tl.store(hT + bh * K * V + state_off, h)
 
     @triton.jit
@@ -571,10 +612,11 @@ if triton is not None:
         return tl.sum(tl.where(tl.arange(0, REDO) == r, fl, 0), 0) != 0
 
     @triton.jit
-    def _out_chunk(q, g, v, states, o, T, H, scale, flags, decay, h_in, NSEG, iv, n, bh, NT,
+    def _out_chunk(q, g, gcum, v, states, o, T, H, scale, flags, decay, h_in, NSEG, iv, n, bh, NT,
                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                    BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
-                   DV: tl.constexpr, GENERAL: tl.constexpr, JOIN: tl.constexpr, JR: tl.constexpr):
+                   DV: tl.constexpr, GENERAL: tl.constexpr, JOIN: tl.constexpr, JR: tl.constexpr,
+                   STORE_GCUM: tl.constexpr):
         """`_out_kernel`'s work for chunk n, value block iv of head bh."""
         pid = (bh * NT + n) * (V // BVO) + iv
         t0 = n * BT
@@ -598,6 +640,9 @@ if triton is not None:
             gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
             b = tl.cumsum(gc, 0)
             b_last = tl.sum(gc, 0)
+            if STORE_GCUM:
+                if iv == 0:
+                    _store_tile(gcum + offk, b, t0, T, H * K, rows, ck)
             k = -_expm1(gc)
             A_kb, start, end = _pairs_A(qs, k, gc, b, b_last, rows, DT, PREC, BT, BC, BK, FAST_RANGE, GENERAL)
             A += A_kb
@@ -619,13 +664,13 @@ if triton is not None:
 
     @triton.jit
     def _out_kernel(
-        q, g, v, states, o,  # q, g [B, T, H, K]; v, o [B, T, H, V]; states [B*H, NT, K, V]
+        q, g, gcum, v, states, o,  # q, g, gcum [B, T, H, K]; v, o [B, T, H, V]; states [B*H, NT, K, V]
         T, H, scale, flags,  # flags [grid size] int8: programs the GENERAL variant redoes
         decay, h_in, NSEG,  # JOIN only: the segmented walk's decays and incoming states, in JR-row slices
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
         DV: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr, JOIN: tl.constexpr, JR: tl.constexpr,
-        REDO: tl.constexpr,
+        STORE_GCUM: tl.constexpr, REDO: tl.constexpr,
     ):
         """One chunk, BVO value channels; A built over key blocks in registers, never stored.
 
@@ -641,6 +686,10 @@ if triton is not None:
         each program first makes its own [K, BVO] slice of chunk n's state global (`_join`) in
         place, for itself and the kernels after it: the fixup kernel's work without its separate
         pass over the states (the re-read comes from L2).
+
+        STORE_GCUM (first launch only, DV): the first value block's programs store b = cumsum(g)
+        within each chunk to gcum, which the dq/dg kernel after them loads instead of scanning g
+        again (`_load_gcum`).
         """
         NT = tl.cdiv(T, BT)
         # Inductor passes Python floats as fp64 scalars (or constexprs): keep every tile fp32.
@@ -651,11 +700,13 @@ if triton is not None:
             if tl.max(fl, 0) != 0:
                 for r in range(REDO):
                     if _redone_at(fl, r, REDO):
-                        _out_chunk(q, g, v, states, o, T, H, scale, flags, decay, h_in, NSEG, iv, nb * REDO + r, bh,
-                                   NT, K, V, BT, BC, BK, BVO, DT, PREC, FAST_RANGE, DV, GENERAL, JOIN, JR)
+                        _out_chunk(q, g, gcum, v, states, o, T, H, scale, flags, decay, h_in, NSEG, iv, nb * REDO + r,
+                                   bh, NT, K, V, BT, BC, BK, BVO, DT, PREC, FAST_RANGE, DV, GENERAL, JOIN, JR,
+                                   STORE_GCUM)
         else:
-            _out_chunk(q, g, v, states, o, T, H, scale, flags, decay, h_in, NSEG, tl.program_id(0), tl.program_id(1),
-                       tl.program_id(2), NT, K, V, BT, BC, BK, BVO, DT, PREC, FAST_RANGE, DV, GENERAL, JOIN, JR)
+            _out_chunk(q, g, gcum, v, states, o, T, H, scale, flags, decay, h_in, NSEG, tl.program_id(0),
+                       tl.program_id(1), tl.program_id(2), NT, K, V, BT, BC, BK, BVO, DT, PREC, FAST_RANGE, DV, GENERAL,
+                       JOIN, JR, STORE_GCUM)
 
     @triton.jit
     def _walk_out_half(q, g, states, h, vc, A, oc, bad, offk, t0, T, H, scale, rows, ck, state_off,
@@ -767,11 +818,12 @@ if triton is not None:
             tl.store(hT + bh * K * V + off_hi, h_hi)
 
     @triton.jit
-    def _dqg_chunk(q, g, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits, f_logits, lb, dlb_part,
-                   ik, n, bh, NT,
+    def _dqg_chunk(q, g, gcum, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits, f_logits, lb,
+                   dlb_part, ik, n, bh, NT,
                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
-                   FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr, GATES: tl.constexpr, HAS_LB: tl.constexpr):
+                   FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr, GATES: tl.constexpr, HAS_LB: tl.constexpr,
+                   LOAD_GCUM: tl.constexpr):
         """`_dqg_kernel`'s work for chunk n, key block ik of head bh."""
         pid = (bh * NT + n) * (K // BK) + ik
         t0 = n * BT
@@ -798,9 +850,12 @@ if triton is not None:
         # them; issuing them before the value loop instead was 2% slower: H100, 2026-11-24).
         q_tile = _load_tile(q + offk, t0, T, H * K, rows, ck)
         gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
+        if LOAD_GCUM:
+            b, b_last = _load_gcum(gcum + offk, t0, T, H * K, rows, ck, BT)
         qs = q_tile.to(tl.float32) * scale
-        b = tl.cumsum(gc, 0)
-        b_last = tl.sum(gc, 0)
+        if not LOAD_GCUM:
+            b = tl.cumsum(gc, 0)
+            b_last = tl.sum(gc, 0)
         k = -_expm1(gc)
         # Pairs j < i through _pairs_grad; the diagonal (decay exp(0) = 1) on its own, so that dg
         # below never cancels it (see chunk_hgrn2_bwd_ref).
@@ -838,7 +893,7 @@ if triton is not None:
 
     @triton.jit
     def _dqg_kernel(
-        q, g, v, do,  # [B, T, H, K] / [B, T, H, V]
+        q, g, gcum, v, do,  # [B, T, H, K] / [B, T, H, V]; LOAD_GCUM: gcum [B, T, H, K] (`_load_gcum`)
         states, dstates,  # [B*H, NT, K, V]: chunk-start states; gradients of chunk-end states
         dq, dg,  # out: [B, T, H, K] (q's dtype), [B, T, H, K] fp32; GATES: d q_logits, d f_logits (q's dtype)
         T, H, scale, flags,  # flags as in _out_kernel
@@ -847,12 +902,13 @@ if triton is not None:
         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
         BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
         FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr,
-        GATES: tl.constexpr, HAS_LB: tl.constexpr, REDO: tl.constexpr,
+        GATES: tl.constexpr, HAS_LB: tl.constexpr, LOAD_GCUM: tl.constexpr, REDO: tl.constexpr,
     ):
         """dq and dg of one chunk and BK key channels (formulas in chunk_hgrn2_bwd_ref): every
         term is separable over the key channels. Two variants as in `_out_kernel`. The key
         blocks of a chunk are neighbours in the grid, so v and do, which each reads whole, come
-        from L2 after the first."""
+        from L2 after the first. LOAD_GCUM: b from gcum (the dv kernel's, STORE_GCUM), not scanned:
+        here the scan comes after the value loop, with nothing left to overlap it."""
         NT = tl.cdiv(T, BT)
         # Inductor passes Python floats as fp64 scalars (or constexprs): keep every tile fp32.
         scale = tl.cast(scale, tl.float32)
@@ -862,13 +918,14 @@ if triton is not None:
             if tl.max(fl, 0) != 0:
                 for r in range(REDO):
                     if _redone_at(fl, r, REDO):
-                        _dqg_chunk(q, g, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits, f_logits, lb,
-                                   dlb_part, ik, nb * REDO + r, bh, NT,
-                                   K, V, BT, BC, BK, BV, DT, PREC, PREC32, FAST_RANGE, GENERAL, GATES, HAS_LB)
+                        _dqg_chunk(q, g, gcum, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits,
+                                   f_logits, lb, dlb_part, ik, nb * REDO + r, bh, NT,
+                                   K, V, BT, BC, BK, BV, DT, PREC, PREC32, FAST_RANGE, GENERAL, GATES, HAS_LB,
+                                   LOAD_GCUM)
         else:
-            _dqg_chunk(q, g, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits, f_logits, lb, dlb_part,
-                       tl.program_id(0), tl.program_id(1), tl.program_id(2), NT,
-                       K, V, BT, BC, BK, BV, DT, PREC, PREC32, FAST_RANGE, GENERAL, GATES, HAS_LB)
+            _dqg_chunk(q, g, gcum, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits, f_logits, lb,
+                       dlb_part, tl.program_id(0), tl.program_id(1), tl.program_id(2), NT,
+                       K, V, BT, BC, BK, BV, DT, PREC, PREC32, FAST_RANGE, GENERAL, GATES, HAS_LB, LOAD_GCUM)
 
 
 def _launch(kernel):
@@ -891,15 +948,15 @@ def _redo_chunks(grid, device: torch.device) -> int:
     return redo
 
 
-def _launch_chunks(kernel, grid, *args, JOIN=None, flags=None, **meta):
+def _launch_chunks(kernel, grid, *args, JOIN=None, STORE_GCUM=None, flags=None, **meta):
     """Launches the out or dq/dg kernel over its grid (chunks along its second axis): where K and V
     are at least CONFIG["two_pass_min_dim"], as its whole-chunk variant and then its GENERAL,
     FLAGGED variant, which redoes the programs the first flagged (chunks decaying by more than
-    e^120), REDO chunks a program (`_redo_chunks`); else once, GENERAL for every program. JOIN (the
-    out kernel's; None for dq/dg) goes to the first launch only: the states it joins are global for
-    the second. flags given: another kernel did the first variant's work and flagged
-    (`_walk_out_kernel`); only the second launch runs."""
-    join = {} if JOIN is None else {"JOIN": JOIN}
+    e^120), REDO chunks a program (`_redo_chunks`); else once, GENERAL for every program. JOIN and
+    STORE_GCUM (the out kernel's; None for dq/dg) go to the first launch only: the states it joins
+    are global for the second, and it stores every chunk's b. flags given: another kernel did the
+    first variant's work and flagged (`_walk_out_kernel`); only the second launch runs."""
+    join = {} if JOIN is None else {"JOIN": JOIN, "STORE_GCUM": STORE_GCUM}
     flagged = flags is not None
     two_pass = flagged or min(meta["K"], meta["V"]) >= CONFIG["two_pass_min_dim"]
     if not flagged:
@@ -1082,10 +1139,11 @@ def _run_walk_out(q, g, x, h0, reverse, scale):
     return states, hT, out
 
 
-def _run_out(q, g, v, states, scale, dv, join, redo=None):
+def _run_out(q, g, v, states, scale, dv, join, redo=None, gcum=None):
     """o (or dv, from do and the state gradients) through _out_kernel; join as `_run_states`
     returns it (a segmented walk's states are made global here, in place). redo: (out, flags,
-    value block) of `_walk_out_kernel`, whose flagged chunks are computed again into out."""
+    value block) of `_walk_out_kernel`, whose flagged chunks are computed again into out. gcum:
+    where to store b = cumsum(g) within each chunk (`_out_kernel` STORE_GCUM), or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     DT, PREC, _ = _dot_config(q.dtype)
@@ -1093,7 +1151,8 @@ def _run_out(q, g, v, states, scale, dv, join, redo=None):
     BK = min(K, _cfg(q, v, "out_bk"))
     decay, h_in, nseg = join if join else (q, q, 1)  # without a join never read: any input (not an output)
     _launch_chunks(
-        _out_kernel, (V // BVO, triton.cdiv(T, _BT), B * H), q, g, v, states, out, T, H, scale,
+        _out_kernel, (V // BVO, triton.cdiv(T, _BT), B * H), q, g, gcum if gcum is not None else out, v, states, out,
+        T, H, scale, STORE_GCUM=gcum is not None,
         # Slices of 32 rows: 16-row slices in a loop, not unrolled, made the out kernel ~0.05 ms
         # slower than the fixup kernel the join replaces (H100, 2026-11-24).
         decay=decay, h_in=h_in, NSEG=nseg, JOIN=bool(join), JR=min(32, K), flags=flags,
@@ -1141,9 +1200,11 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=
     dht = dht.contiguous() if dht is not None else None
     if _walk_out_supported(q, v):
         dstates, dh0, dv = _run_walk_out(q, g, do, dht, True, scale)
+        gcum = g  # not read: the dq/dg kernel scans g itself
     else:
         dstates, dh0, join = _run_states(q, g, do, dht, True, scale, join_later=True)
-        dv = _run_out(q, g, do, dstates, scale, True, join)
+        gcum = torch.empty_like(g)  # the dv kernel's scans of g, for the dq/dg kernel
+        dv = _run_out(q, g, do, dstates, scale, True, join, gcum=gcum)
     # Without logits never read: any input stands in (never an output).
     q_logits, f_logits, lower_bound = logits if logits is not None else (q, q, None)
     q_logits, f_logits = q_logits.contiguous(), f_logits.contiguous()
@@ -1156,11 +1217,11 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=
     BK = min(K, _cfg(q, v, "dqg_bk"))
     BV = min(V, BK)
     _launch_chunks(
-        _dqg_kernel, (K // BK, triton.cdiv(T, _BT), B * H), q, g, v, do, states, dstates, dq, dg, T, H,
+        _dqg_kernel, (K // BK, triton.cdiv(T, _BT), B * H), q, g, gcum, v, do, states, dstates, dq, dg, T, H,
         scale, q_logits=q_logits, f_logits=f_logits, lb=lb, dlb_part=dlb_part,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=BV, DT=DT, PREC=PREC, PREC32=PREC32, FAST_RANGE=_FAST_RANGE,
         num_warps=_cfg(q, v, "dqg_warps"), num_stages=CONFIG["dqg_stages"], GATES=logits is not None,
-        HAS_LB=has_lb,
+        HAS_LB=has_lb, LOAD_GCUM=gcum is not g,
     )
     if logits is not None:
         return dq, dg, (dlb_part.sum(0) if has_lb else None), dv, dh0
