@@ -222,8 +222,9 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # even at full copy bandwidth. Trading either way was slower on the H100 (2026-11-24,
 # benchmarks/RESULTS.md, ninth session): a register cap for two programs per SM spills (dq/dg 0.49
 # ms at 128 registers), and one backward kernel a chunk (dq/dg and dv, ~200 MB less traffic, half
-# the programs) took 1.10 ms against 0.39 + 0.15. Scanning in registers, the tiles' rows reordered so that a thread holds consecutive steps, made
-# every kernel slower (eleventh session: dq/dg 0.39 -> 0.61 ms, the walks 0.16 -> 0.29).
+# the programs) took 1.10 ms against 0.39 + 0.15. Scanning in registers, the tiles' rows
+# reordered so that a thread holds consecutive steps, made every kernel slower (eleventh session:
+# dq/dg 0.39 -> 0.61 ms, the walks 0.16 -> 0.29).
 # ---------------------------------------------------------------------------------------------
 
 try:
