@@ -1024,7 +1024,11 @@ CONFIG = {
     # against 1.094 with 128; at 8 x 2048 x 16, 0.820 against 0.830 (512: 0.859).
     "walk_out": False, "walk_out_bv": 64, "walk_out_warps": 8, "walk_out_stages": 2, "walk_out_min_programs": 256,
 }
-FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 8},
+# dq/dg at K = V = 128: 4 warps and 2 stages since it loads b (LOAD_GCUM; 231 registers at 8 warps,
+# offline): dq/dg 0.327 -> 0.295 ms, fwd+bwd 1.03-1.04x at 8 x 2048 x 8, 2 x 8192 x 8, 8 x 2048 x 16,
+# 16 x 2048 x 6, outputs bit-identical; 4 warps alone 1.03-1.04x; 128-key blocks 2.5x slower
+# (H100 2026-11-25, benchmarks/data/2026-11-25g_ab_configs_dqg.txt).
+FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 4, "dqg_stages": 2},
         # dq/dg in one 4-warp program a chunk: 0.339 against 0.366 ms at 8 x 2048 x 16 (H100, 2026-11-24)
         (64, 64, torch.bfloat16): {"walk_out": True, "walk_out_warps": 4, "dqg_bk": 64, "dqg_warps": 4}}
 
@@ -1221,7 +1225,7 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=
         _dqg_kernel, (K // BK, triton.cdiv(T, _BT), B * H), q, g, gcum, v, do, states, dstates, dq, dg, T, H,
         scale, q_logits=q_logits, f_logits=f_logits, lb=lb, dlb_part=dlb_part,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=BV, DT=DT, PREC=PREC, PREC32=PREC32, FAST_RANGE=_FAST_RANGE,
-        num_warps=_cfg(q, v, "dqg_warps"), num_stages=CONFIG["dqg_stages"], GATES=logits is not None,
+        num_warps=_cfg(q, v, "dqg_warps"), num_stages=_cfg(q, v, "dqg_stages"), GATES=logits is not None,
         HAS_LB=has_lb, LOAD_GCUM=gcum is not g,
     )
     if logits is not None:

@@ -50,8 +50,8 @@ def test_set_config_reaches_the_per_shape_overrides(bench_chunk, monkeypatch):
     base, base_fast = dict(chunk.CONFIG), dict(chunk.FAST)
     key = next(iter(base_fast))
     overridden = next(iter(base_fast[key]))
-    bench_chunk.set_config(chunk, base, base_fast, {overridden: 16, "dqg_stages": 2})
-    assert chunk.CONFIG[overridden] == 16 and chunk.CONFIG["dqg_stages"] == 2
-    assert chunk.FAST[key][overridden] == 16 and "dqg_stages" not in chunk.FAST[key]
+    bench_chunk.set_config(chunk, base, base_fast, {overridden: 16, "state_stages": 2})
+    assert chunk.CONFIG[overridden] == 16 and chunk.CONFIG["state_stages"] == 2
+    assert chunk.FAST[key][overridden] == 16 and "state_stages" not in chunk.FAST[key]
     bench_chunk.set_config(chunk, base, base_fast, {})
     assert chunk.CONFIG == base and chunk.FAST == base_fast
