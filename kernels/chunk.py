@@ -210,10 +210,10 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # e^120) in a second launch that takes every path, each of its programs covering several chunks
 # (`_launch_chunks`, `_redo_chunks`).
 #
-# Measured (H100, Triton 3.6, 2026-11-24, benchmarks/RESULTS.md, eleventh session), GPU time: bf16
-# B=8 T=2048 H=8 K=V=128, 0.230 ms forward and 0.847 ms forward+backward (fla's chunk_gla 0.435 /
-# 1.725 in the same run; 2.01x to 2.83x over the benchmark shapes); per kernel, dq/dg 0.38, out +
-# dv 0.28, both state walks 0.16 (paired tiles) and their segment walks 0.014. Every kernel uses
+# Measured (H100, Triton 3.6, 2026-11-25, benchmarks/RESULTS.md, twelfth session), GPU time: bf16
+# B=8 T=2048 H=8 K=V=128, 0.229 ms forward and 0.784 ms forward+backward (fla's chunk_gla 0.434 /
+# 1.725 in the same run; 2.15x to 3.12x over the K = 128 benchmark shapes); per kernel, dq/dg 0.30,
+# out + dv 0.30, both state walks 0.16 (paired tiles) and their segment walks 0.011. Every kernel uses
 # 222-255 registers per thread: one 8-warp or two 4-warp programs per SM (12% occupancy), each
 # loading and then computing, with no other program's math to hide its loads behind (Nsight
 # Compute: the out kernel waits on loads for 46% of its stall samples, dq/dg for 23%; ~1.2
