@@ -847,7 +847,7 @@ if triton is not None:
             dq_h += tl.dot(doc, tl.trans(h.to(DT)), input_precision=PREC)
             dk_h += tl.dot(vc, tl.trans(dh.to(DT)), input_precision=PREC)
             outside += tl.sum(h.to(tl.float32) * dh.to(tl.float32), 1)
-        # Both loads issued before either is used (1.5% faster fwd+bwd than converting q between
+        # The loads issued before any is used (q and g: 1.5% faster fwd+bwd than converting q between
         # them; issuing them before the value loop instead was 2% slower: H100, 2026-11-24).
         q_tile = _load_tile(q + offk, t0, T, H * K, rows, ck)
         gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
@@ -957,16 +957,16 @@ def _launch_chunks(kernel, grid, *args, JOIN=None, STORE_GCUM=None, flags=None, 
     STORE_GCUM (the out kernel's; None for dq/dg) go to the first launch only: the states it joins
     are global for the second, and it stores every chunk's b. flags given: another kernel did the
     first variant's work and flagged (`_walk_out_kernel`); only the second launch runs."""
-    join = {} if JOIN is None else {"JOIN": JOIN, "STORE_GCUM": STORE_GCUM}
+    first_only = {} if JOIN is None else {"JOIN": JOIN, "STORE_GCUM": STORE_GCUM}
     flagged = flags is not None
     two_pass = flagged or min(meta["K"], meta["V"]) >= CONFIG["two_pass_min_dim"]
     if not flagged:
         flags = torch.empty(grid[0] * grid[1] * grid[2], device=args[0].device, dtype=torch.int8)
-        _launch(kernel)[grid](*args, flags=flags, GENERAL=not two_pass, FLAGGED=False, REDO=1, **join, **meta)
+        _launch(kernel)[grid](*args, flags=flags, GENERAL=not two_pass, FLAGGED=False, REDO=1, **first_only, **meta)
     if two_pass:
         redo = _redo_chunks(grid, args[0].device)
         _launch(kernel)[(grid[0], triton.cdiv(grid[1], redo), grid[2])](
-            *args, flags=flags, GENERAL=True, FLAGGED=True, REDO=redo, **{k: False for k in join}, **meta)
+            *args, flags=flags, GENERAL=True, FLAGGED=True, REDO=redo, **{k: False for k in first_only}, **meta)
 
 
 def _dot_config(dtype: torch.dtype):
