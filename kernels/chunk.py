@@ -529,12 +529,19 @@ if triton is not None:
             tl.store(seg_decay + (bh * NSEG + seg) * K + ck, dcum, mask=ck + iv * K < K)  # one value tile stores it
 
     @triton.jit
+    def _segment_at(it, NSEG, ck, REVERSE: tl.constexpr):
+        """Step `it` of the walk over the segments: the segment's index, and whether the step is
+        one ([len(ck)], False past NSEG). Takes no pointers, so that torch's analysis of what a
+        kernel writes, which counts every pointer passed to a call as flowing into what it returns,
+        does not see seg_end and seg_decay in the index that `_segment_pass` stores by."""
+        return _walk_order(tl.minimum(it, NSEG - 1), 0, NSEG, REVERSE), (ck * 0 + it) < NSEG
+
+    @triton.jit
     def _segment_load(seg_end, seg_decay, bh, it, NSEG, ck, state_off, K: tl.constexpr, V: tl.constexpr,
                       REVERSE: tl.constexpr):
         """The decay and end state of segment `it` of the walk's order (past NSEG: decay 1, end 0,
         so that passing it changes nothing)."""
-        s = _walk_order(tl.minimum(it, NSEG - 1), 0, NSEG, REVERSE)
-        live = (ck * 0 + it) < NSEG
+        s, live = _segment_at(it, NSEG, ck, REVERSE)
         d = tl.load(seg_decay + (bh * NSEG + s) * K + ck, mask=live, other=1.0)
         e = tl.load(seg_end + (bh * NSEG + s) * K * V + state_off, mask=live[:, None], other=0.0)
         return d, e
@@ -543,11 +550,9 @@ if triton is not None:
     def _segment_pass(h_in, h, bh, it, d, e, NSEG, ck, state_off, K: tl.constexpr, V: tl.constexpr,
                       REVERSE: tl.constexpr):
         """Stores the state entering segment `it` of the walk's order (none past NSEG), returns the
-        state leaving it. The segment's index is worked out here again, not taken from
-        `_segment_load`: torch's analysis of what a kernel writes counts every pointer passed to a
-        call as flowing into what it returns, and would report seg_end and seg_decay written."""
-        s = _walk_order(tl.minimum(it, NSEG - 1), 0, NSEG, REVERSE)
-        tl.store(h_in + (bh * NSEG + s) * K * V + state_off, h, mask=((ck * 0 + it) < NSEG)[:, None])
+        state leaving it."""
+        s, live = _segment_at(it, NSEG, ck, REVERSE)
+        tl.store(h_in + (bh * NSEG + s) * K * V + state_off, h, mask=live[:, None])
         return d[:, None] * h + e
 
     @triton.jit
@@ -1205,12 +1210,12 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=
     dht = dht.contiguous() if dht is not None else None
     if _walk_out_supported(q, v):
         dstates, dh0, dv = _run_walk_out(q, g, do, dht, True, scale)
-        gcum = g  # not read: the dq/dg kernel scans g itself
+        gcum = None  # the dq/dg kernel scans g itself
     else:
         dstates, dh0, join = _run_states(q, g, do, dht, True, scale, join_later=True)
         gcum = torch.empty_like(g)  # the dv kernel's scans of g, for the dq/dg kernel
         dv = _run_out(q, g, do, dstates, scale, True, join, gcum=gcum)
-    # Without logits never read: any input stands in (never an output).
+    # Without logits (or gcum) never read: any input stands in (never an output).
     q_logits, f_logits, lower_bound = logits if logits is not None else (q, q, None)
     q_logits, f_logits = q_logits.contiguous(), f_logits.contiguous()
     has_lb = lower_bound is not None
@@ -1222,11 +1227,11 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=
     BK = min(K, _cfg(q, v, "dqg_bk"))
     BV = min(V, BK)
     _launch_chunks(
-        _dqg_kernel, (K // BK, triton.cdiv(T, _BT), B * H), q, g, gcum, v, do, states, dstates, dq, dg, T, H,
-        scale, q_logits=q_logits, f_logits=f_logits, lb=lb, dlb_part=dlb_part,
+        _dqg_kernel, (K // BK, triton.cdiv(T, _BT), B * H), q, g, gcum if gcum is not None else g, v, do, states,
+        dstates, dq, dg, T, H, scale, q_logits=q_logits, f_logits=f_logits, lb=lb, dlb_part=dlb_part,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=BV, DT=DT, PREC=PREC, PREC32=PREC32, FAST_RANGE=_FAST_RANGE,
         num_warps=_cfg(q, v, "dqg_warps"), num_stages=_cfg(q, v, "dqg_stages"), GATES=logits is not None,
-        HAS_LB=has_lb, LOAD_GCUM=gcum is not g,
+        HAS_LB=has_lb, LOAD_GCUM=gcum is not None,
     )
     if logits is not None:
         return dq, dg, (dlb_part.sum(0) if has_lb else None), dv, dh0
