@@ -224,7 +224,12 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # ms at 128 registers), and one backward kernel a chunk (dq/dg and dv, ~200 MB less traffic, half
 # the programs) took 1.10 ms against 0.39 + 0.15. Scanning in registers, the tiles' rows
 # reordered so that a thread holds consecutive steps, made every kernel slower (eleventh session:
-# dq/dg 0.39 -> 0.61 ms, the walks 0.16 -> 0.29).
+# dq/dg 0.39 -> 0.61 ms, the walks 0.16 -> 0.29). Where the rest is (ablations, thirteenth session,
+# 8 x 2048 x 8): the out and dv kernels with no in-chunk math at all take 0.263 ms against 0.306,
+# so they are near their loads; no scans at all would save 0.075 ms over every kernel (0.044 of it
+# dq/dg's reverse scan); the dq/dg kernel is the one far from its loads (0.295 ms against 0.151
+# for its loads, stores and value-loop matmuls). Scans as tensor-core matmuls with a 0/1 triangle
+# were slower in every kernel, twice (ninth and thirteenth sessions).
 # ---------------------------------------------------------------------------------------------
 
 try:
