@@ -20,7 +20,7 @@ q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
 v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
 do = torch.randn_like(v)
 g = F.logsigmoid(torch.randn(B, T, H, K, device=dev))
-gcum = torch.cat([x.cumsum(1) for x in g.split(64, 1)], 1)  # b within each chunk, as the dv kernel stores it
+gcum = C._unchunked(C._chunked(g, C._BT).cumsum(-2), T).contiguous()  # b in each chunk, as the dv kernel stores it
 s = K**-0.5
 NT = (T + 63) // 64
 DT, PREC, PREC32 = C._dot_config(q.dtype)
