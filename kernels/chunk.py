@@ -229,7 +229,11 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # so they are near their loads; no scans at all would save 0.075 ms over every kernel (0.044 of it
 # dq/dg's reverse scan); the dq/dg kernel is the one far from its loads (0.295 ms against 0.151
 # for its loads, stores and value-loop matmuls). Scans as tensor-core matmuls with a 0/1 triangle
-# were slower in every kernel, twice (ninth and thirteenth sessions).
+# were slower in every kernel, twice (ninth and thirteenth sessions). The loads cost latency, not
+# bandwidth: with the DRAM traffic of every tensor halved (the same instructions, odd chunks
+# reading the even chunks' lines from L2) fwd+bwd went 0.774 -> 0.702 ms, and with the states'
+# traffic halved 0.719 (fourteenth session): fewer bytes cannot reach 3x fla (0.575 ms), only
+# programs that overlap their own loads with their math.
 # ---------------------------------------------------------------------------------------------
 
 try:
