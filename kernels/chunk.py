@@ -183,7 +183,7 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #                   (fixup reads and rewrites the states once).
 #   _walk_out_kernel grid (V/BV, B*H*segments): state walk and out (or DV) in one pass, the
 #                   [K, BV] state in registers: reads q, g, v; writes the states and o. Where
-#                   CONFIG / FAST say walk_out (K = V = 64 in bf16), in place of state + out.
+#                   CONFIG says walk_out (off by default), in place of state + out.
 #   forward  = state (forward) + out;
 #   backward = state (reverse) + out (DV) + dqg, with the forward's states kept by the op
 #              (CONFIG keep_states; else the backward walks the sequence forward again first).
@@ -212,9 +212,10 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 #
 # Measured (H100, Triton 3.6, 2026-11-25, benchmarks/RESULTS.md, twelfth session), GPU time: bf16
 # B=8 T=2048 H=8 K=V=128, 0.229 ms forward and 0.784 ms forward+backward (fla's chunk_gla 0.434 /
-# 1.725 in the same run; 2.15x to 3.12x over the K = 128 benchmark shapes); per kernel, dq/dg 0.30,
-# out + dv 0.30, both state walks 0.16 (paired tiles) and their segment walks 0.011. Every kernel uses
-# 222-255 registers per thread: one 8-warp or two 4-warp programs per SM (12% occupancy), each
+# 1.725 in the same run; 2.20x to 3.23x over the benchmark shapes in the fifteenth session); per
+# kernel, dq/dg 0.30, out + dv 0.30, both state walks 0.16 (paired tiles) and their segment walks
+# 0.011. Every kernel uses 222-255 registers per thread: one 8-warp or two 4-warp programs per SM
+# (12% occupancy), each
 # loading and then computing, with no other program's math to hide its loads behind (Nsight
 # Compute: the out kernel waits on loads for 46% of its stall samples, dq/dg for 23%; ~1.2
 # instructions per cycle, FMUL/FADD/FFMA the largest share). By bytes moved (g fp32
@@ -1017,6 +1018,9 @@ CONFIG = {
     "max_segments": 16, "min_segment_chunks": 4,
     "out_bk": 64, "out_bv": 128, "out_warps": 8, "out_stages": 1,
     "dqg_bk": 32, "dqg_warps": 4, "dqg_stages": 1,
+    # The dq/dg kernel loads b = cumsum(g) as the dv kernel stored it rather than scanning g again
+    # (LOAD_GCUM; see the design notes above).
+    "dqg_load_gcum": True,
     # Keep the forward's chunk-start states for the backward instead of walking the sequence again
     # (hgrn2mini/ops.py): one sequential pass less per backward (1.43 -> 1.26 ms fwd+bwd at B=8
     # T=2048 H=8 K=V=128, 2026-11-24), for saved memory of twice q's size per call (K = V).
@@ -1029,13 +1033,14 @@ CONFIG = {
     "two_pass_min_dim": 64,
     # The state walk and the out / dv kernel as one pass (`_walk_out_kernel`, `_walk_out_supported`):
     # value blocks of walk_out_bv channels, segments (as above) up to walk_out_min_programs programs.
-    # Off by default, on where FAST says: one program walks every chunk of its head, so the chunk's
-    # in-chunk work is on its sequential path, with B*H*V/BV programs (not B*H*chunks) to hide it.
-    # That was 1.21x faster fwd+bwd at K = V = 64 (8 x 2048 x 16: 0.827 against 1.001 ms) and
-    # 1.38x slower at K = V = 128 (8 x 2048 x 8: 1.231 against 0.893 ms; the kernel spills there,
-    # and A is built once per value block), H100 2026-11-24, benchmarks/RESULTS.md. Segments up
-    # to 256 programs (two 4-warp programs per SM at K = 64): at 2 x 8192 x 16, K = 64, 0.853 ms
-    # against 1.094 with 128; at 8 x 2048 x 16, 0.820 against 0.830 (512: 0.859).
+    # Off: one program walks every chunk of its head, so the chunk's in-chunk work is on its
+    # sequential path, with B*H*V/BV programs (not B*H*chunks) to hide it. It was 1.21x faster
+    # fwd+bwd at K = V = 64 against the split kernels as they were configured then (8 x 2048 x 16:
+    # 0.827 against 1.001 ms) and 1.38x slower at K = V = 128 (8 x 2048 x 8: 1.231 against 0.893 ms;
+    # the kernel spills there, and A is built once per value block), H100 2026-11-24; since
+    # 2026-11-25 the split kernels at K = 64 (FAST) are 1.12x faster than it (benchmarks/RESULTS.md).
+    # Segments up to 256 programs (two 4-warp programs per SM at K = 64): at 2 x 8192 x 16, K = 64,
+    # 0.853 ms against 1.094 with 128; at 8 x 2048 x 16, 0.820 against 0.830 (512: 0.859).
     "walk_out": False, "walk_out_bv": 64, "walk_out_warps": 8, "walk_out_stages": 2, "walk_out_min_programs": 256,
 }
 # dq/dg at K = V = 128: 4 warps and 2 stages since it loads b (LOAD_GCUM; 231 registers at 8 warps,
@@ -1043,8 +1048,14 @@ CONFIG = {
 # 16 x 2048 x 6, outputs bit-identical; 4 warps alone 1.03-1.04x; 128-key blocks 2.5x slower
 # (H100 2026-11-25, benchmarks/data/2026-11-25g_ab_configs_dqg.txt).
 FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 4, "dqg_stages": 2},
-        # dq/dg in one 4-warp program a chunk: 0.339 against 0.366 ms at 8 x 2048 x 16 (H100, 2026-11-24)
-        (64, 64, torch.bfloat16): {"walk_out": True, "walk_out_warps": 4, "dqg_bk": 64, "dqg_warps": 4}}
+        # K = V = 64: the split kernels, the out kernel at 2 warps (4: 0.271 ms, 2: 0.245 at 8 x 2048
+        # x 16), the dq/dg kernel scanning g itself (loading the dv kernel's b: dq/dg 0.356 against
+        # 0.334, and the dv kernel's store): fwd+bwd 0.693 against 0.781 ms through `_walk_out_kernel`
+        # (1.13x; 2 x 8192 x 16 1.12x; H100 2026-11-25, benchmarks/RESULTS.md). dq/dg in one 4-warp
+        # program a chunk: 0.339 against 0.366 ms at 8 x 2048 x 16 (H100, 2026-11-24); 2 warps spill
+        # (5.0 ms). walk_out_warps: where CONFIG walk_out is turned on.
+        (64, 64, torch.bfloat16): {"out_warps": 2, "dqg_bk": 64, "dqg_warps": 4, "dqg_load_gcum": False,
+                                   "walk_out_warps": 4}}
 
 
 def _cfg(q: torch.Tensor, v: torch.Tensor, key: str):
@@ -1057,9 +1068,13 @@ def _cfg(q: torch.Tensor, v: torch.Tensor, key: str):
 
 def _segments(programs: int, NT: int, min_programs: int) -> int:
     """How many segments to cut each head's walk into: doubling, up to CONFIG max_segments, while
-    the programs stay under min_programs and each segment keeps min_segment_chunks chunks."""
+    the doubled programs still fit in one wave (min_programs, about the GPU's slots for them) and
+    each segment keeps min_segment_chunks chunks. Not past one wave: at B*H = 96, K = V = 128 (192
+    programs), two segments are two waves of 16 chunk steps, no faster than one of 32, and cost the
+    join and the segment walks: fwd+bwd 1.203 ms with them, 1.118 without at 16 x 2048 x 6 (H100,
+    2026-11-25, benchmarks/RESULTS.md)."""
     nseg = 1
-    while (nseg * 2 <= CONFIG["max_segments"] and programs * nseg < min_programs
+    while (nseg * 2 <= CONFIG["max_segments"] and programs * nseg * 2 <= min_programs
            and NT >= 2 * nseg * CONFIG["min_segment_chunks"]):
         nseg *= 2
     return nseg
@@ -1095,7 +1110,8 @@ def _run_states(q, g, x, h0, reverse, scale, join_later=False, nseg=None):
         CONFIG["state_pair"] == "auto" and programs(BS, True) * CONFIG["max_segments"] >= CONFIG["min_programs"]))
     if store:
         nseg = _segments(programs(BS, pair), NT, CONFIG["min_programs"])
-    while BS > 16 and programs(BS, pair) * nseg < CONFIG["min_programs"]:
+    # Smaller tiles (four times the programs) only where the walk fills at most half a wave.
+    while BS > 16 and programs(BS, pair) * nseg * 2 <= CONFIG["min_programs"]:
         BS //= 2
     grid = (K // BS, V // (BS * (1 + pair)), B * H * nseg)
     common = dict(K=K, V=V, BT=_BT, BS=BS, DT=DT, PREC=PREC, REVERSE=reverse, HAS_H0=h0 is not None,
@@ -1222,7 +1238,8 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=
         gcum = None  # the dq/dg kernel scans g itself
     else:
         dstates, dh0, join = _run_states(q, g, do, dht, True, scale, join_later=True)
-        gcum = torch.empty_like(g)  # the dv kernel's scans of g, for the dq/dg kernel
+        # The dv kernel's scans of g, for the dq/dg kernel (CONFIG dqg_load_gcum).
+        gcum = torch.empty_like(g) if _cfg(q, v, "dqg_load_gcum") else None
         dv = _run_out(q, g, do, dstates, scale, True, join, gcum=gcum)
     # Without logits (or gcum) never read: any input stands in (never an output).
     q_logits, f_logits, lower_bound = logits if logits is not None else (q, q, None)

@@ -222,10 +222,11 @@ def test_gated_bad_input_names_the_argument(change, match):
 # ---- on the GPU: the Triton path (selected with `-m gpu` on the device machine) ------------------
 
 
-def with_walk_out_cases(test):
-    """K = V = 64 (bf16 there walks and writes the outputs in one pass, kernels/chunk.py FAST):
-    segments (10 chunks into 2) with every chunk decaying past the whole-chunk path (redone), and
-    moderate gates with a state."""
+def with_k64_cases(test):
+    """K = V = 64 (bf16 there has its own launch settings, kernels/chunk.py FAST: the out kernel
+    at 2 warps, the dq/dg kernel scanning g itself): segments (10 chunks into 2, joined in the out
+    kernel) with every chunk decaying past the whole-chunk path (redone), and moderate gates with
+    a state."""
     test = example(Problem(B=2, T=600, H=2, K=64, V=64, gate="uniform30", shift=0.0, lower_bound=0.0,
                            with_state=True, seed=11))(test)
     return example(Problem(B=2, T=300, H=2, K=64, V=64, gate="logits", shift=0.0, lower_bound=0.0,
@@ -234,7 +235,7 @@ def with_walk_out_cases(test):
 
 @pytest.mark.gpu
 @with_hard_cases
-@with_walk_out_cases
+@with_k64_cases
 @given(problems(max_T=600, dims=(16, 32, 64, 128), max_B=2, max_H=2))
 def test_op_matches_naive_loop_cuda_fp32(p):
     check_against_naive(p, torch.float32, "cuda")
@@ -242,7 +243,7 @@ def test_op_matches_naive_loop_cuda_fp32(p):
 
 @pytest.mark.gpu
 @with_hard_cases
-@with_walk_out_cases
+@with_k64_cases
 @given(problems(max_T=600, dims=(16, 32, 64, 128), max_B=2, max_H=2))
 def test_op_matches_naive_loop_cuda_bf16(p):
     check_against_naive(p, torch.bfloat16, "cuda")
