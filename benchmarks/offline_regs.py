@@ -204,11 +204,13 @@ def writes() -> int:
     C._launch = launch
     B, T, H, K, V = 1, 300, 2, 32, 32
     for lb in (None, torch.rand(H * K)):
-        for two_pass, seg, walk_out in ((True, False, False), (False, True, False), (True, False, True),
-                                        (True, True, True)):
+        # load_gcum False: the dv kernel's first launch without its store of b (FAST at K = V = 64)
+        for two_pass, seg, walk_out, load_gcum in ((True, False, False, True), (True, False, False, False),
+                                                   (False, True, False, True), (True, False, True, True),
+                                                   (True, True, True, True)):
             C.CONFIG.update(two_pass_min_dim=16 if two_pass else 10**9, min_segment_chunks=1,
                             min_programs=10**6 if seg else 1, walk_out_min_programs=10**6 if seg else 1,
-                            walk_out=walk_out)
+                            walk_out=walk_out, dqg_load_gcum=load_gcum)
             y, x = torch.randn(B, T, H * K), torch.randn(B, T, H * K)
             v, do, h0 = torch.randn(B, T, H, V), torch.randn(B, T, H, V), torch.randn(B, H, K, V)
             q, g = gates_triton(y, x, lb, launch)
