@@ -1019,7 +1019,8 @@ CONFIG = {
     "out_bk": 64, "out_bv": 128, "out_warps": 8, "out_stages": 1,
     "dqg_bk": 32, "dqg_warps": 4, "dqg_stages": 1,
     # The dq/dg kernel loads b = cumsum(g) as the dv kernel stored it rather than scanning g again
-    # (LOAD_GCUM; see the design notes above).
+    # (LOAD_GCUM; see the design notes above). Off, the dv kernel stores nothing extra: that was
+    # faster only for 64-key programs at K = V = 64 (dq/dg 0.334 against 0.356 ms, H100 2026-11-25).
     "dqg_load_gcum": True,
     # Keep the forward's chunk-start states for the backward instead of walking the sequence again
     # (hgrn2mini/ops.py): one sequential pass less per backward (1.43 -> 1.26 ms fwd+bwd at B=8
@@ -1049,13 +1050,13 @@ CONFIG = {
 # (H100 2026-11-25, benchmarks/data/2026-11-25g_ab_configs_dqg.txt).
 FAST = {(128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 4, "dqg_stages": 2},
         # K = V = 64: the split kernels, the out kernel at 2 warps (4: 0.271 ms, 2: 0.245 at 8 x 2048
-        # x 16), the dq/dg kernel scanning g itself (loading the dv kernel's b: dq/dg 0.356 against
-        # 0.334, and the dv kernel's store): fwd+bwd 0.693 against 0.781 ms through `_walk_out_kernel`
-        # (1.13x; 2 x 8192 x 16 1.12x; H100 2026-11-25, benchmarks/RESULTS.md). dq/dg in one 4-warp
-        # program a chunk: 0.339 against 0.366 ms at 8 x 2048 x 16 (H100, 2026-11-24); 2 warps spill
-        # (5.0 ms). walk_out_warps: where CONFIG walk_out is turned on.
-        (64, 64, torch.bfloat16): {"out_warps": 2, "dqg_bk": 64, "dqg_warps": 4, "dqg_load_gcum": False,
-                                   "walk_out_warps": 4}}
+        # x 16); with dq/dg in one 64-key program a chunk scanning g itself, fwd+bwd 0.693 against
+        # 0.781 ms through `_walk_out_kernel` (1.13x; 2 x 8192 x 16 1.12x). Two 32-key programs
+        # loading the dv kernel's b are 1.014-1.017x faster again (dq/dg 0.297 against 0.331, the dv
+        # kernel's store +0.025; 720 bytes of spills at 64 keys offline, 104 at 32); 64 keys loading
+        # b 0.356, 32 keys scanning 0.349, 8 warps 0.455, 2 warps 5.0 (spills). H100 2026-11-25,
+        # benchmarks/RESULTS.md. walk_out_warps: where CONFIG walk_out is turned on.
+        (64, 64, torch.bfloat16): {"out_warps": 2, "dqg_bk": 32, "dqg_warps": 4, "walk_out_warps": 4}}
 
 
 def _cfg(q: torch.Tensor, v: torch.Tensor, key: str):
