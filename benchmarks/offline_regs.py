@@ -204,7 +204,7 @@ def writes() -> int:
     C._launch = launch
     B, T, H, K, V = 1, 300, 2, 32, 32
     for lb in (None, torch.rand(H * K)):
-        # load_gcum False: the dv kernel's first launch without its store of b (FAST at K = V = 64)
+        # load_gcum False (CONFIG dqg_load_gcum off): the dv kernel's first launch without its store of b
         for two_pass, seg, walk_out, load_gcum in ((True, False, False, True), (True, False, False, False),
                                                    (False, True, False, True), (True, False, True, True),
                                                    (True, True, True, True)):
