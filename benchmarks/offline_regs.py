@@ -204,13 +204,11 @@ def writes() -> int:
     C._launch = launch
     B, T, H, K, V = 1, 300, 2, 32, 32
     for lb in (None, torch.rand(H * K)):
-        # load_gcum False (CONFIG dqg_load_gcum off): the dv kernel's first launch without its store of b
-        for two_pass, seg, walk_out, load_gcum in ((True, False, False, True), (True, False, False, False),
-                                                   (False, True, False, True), (True, False, True, True),
-                                                   (True, True, True, True)):
+        for two_pass, seg, walk_out in ((True, False, False), (False, True, False), (True, False, True),
+                                        (True, True, True)):
             C.CONFIG.update(two_pass_min_dim=16 if two_pass else 10**9, min_segment_chunks=1,
                             min_programs=10**6 if seg else 1, walk_out_min_programs=10**6 if seg else 1,
-                            walk_out=walk_out, dqg_load_gcum=load_gcum)
+                            walk_out=walk_out)
             y, x = torch.randn(B, T, H * K), torch.randn(B, T, H * K)
             v, do, h0 = torch.randn(B, T, H, V), torch.randn(B, T, H, V), torch.randn(B, H, K, V)
             q, g = gates_triton(y, x, lb, launch)

@@ -215,10 +215,9 @@ def chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale, chunk_size=CHUNK
 # 1.725 in the same run; 2.20x to 3.23x over the benchmark shapes in the fifteenth session); per
 # kernel, dq/dg 0.30, out + dv 0.30, both state walks 0.16 (paired tiles) and their segment walks
 # 0.011. Every kernel uses 222-255 registers per thread: one 8-warp or two 4-warp programs per SM
-# (12% occupancy), each
-# loading and then computing, with no other program's math to hide its loads behind (Nsight
-# Compute: the out kernel waits on loads for 46% of its stall samples, dq/dg for 23%; ~1.2
-# instructions per cycle, FMUL/FADD/FFMA the largest share). By bytes moved (g fp32
+# (12% occupancy), each loading and then computing, with no other program's math to hide its loads
+# behind (Nsight Compute: the out kernel waits on loads for 46% of its stall samples, dq/dg for
+# 23%; ~1.2 instructions per cycle, FMUL/FADD/FFMA the largest share). By bytes moved (g fp32
 # and the states dominate; ~1.3 GB at 8 x 2048 x 8) this design needs ~0.44 ms forward+backward
 # even at full copy bandwidth. Trading either way was slower on the H100 (2026-11-24,
 # benchmarks/RESULTS.md, ninth session): a register cap for two programs per SM spills (dq/dg 0.49
@@ -1018,10 +1017,6 @@ CONFIG = {
     "max_segments": 16, "min_segment_chunks": 4,
     "out_bk": 64, "out_bv": 128, "out_warps": 8, "out_stages": 1,
     "dqg_bk": 32, "dqg_warps": 4, "dqg_stages": 1,
-    # The dq/dg kernel loads b = cumsum(g) as the dv kernel stored it rather than scanning g again
-    # (LOAD_GCUM; see the design notes above). Off, the dv kernel stores nothing extra: that was
-    # faster only for 64-key programs at K = V = 64 (dq/dg 0.334 against 0.356 ms, H100 2026-11-25).
-    "dqg_load_gcum": True,
     # Keep the forward's chunk-start states for the backward instead of walking the sequence again
     # (hgrn2mini/ops.py): one sequential pass less per backward (1.43 -> 1.26 ms fwd+bwd at B=8
     # T=2048 H=8 K=V=128, 2026-11-24), for saved memory of twice q's size per call (K = V).
@@ -1239,8 +1234,7 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=
         gcum = None  # the dq/dg kernel scans g itself
     else:
         dstates, dh0, join = _run_states(q, g, do, dht, True, scale, join_later=True)
-        # The dv kernel's scans of g, for the dq/dg kernel (CONFIG dqg_load_gcum).
-        gcum = torch.empty_like(g) if _cfg(q, v, "dqg_load_gcum") else None
+        gcum = torch.empty_like(g)  # the dv kernel's scans of g, for the dq/dg kernel
         dv = _run_out(q, g, do, dstates, scale, True, join, gcum=gcum)
     # Without logits (or gcum) never read: any input stands in (never an output).
     q_logits, f_logits, lower_bound = logits if logits is not None else (q, q, None)

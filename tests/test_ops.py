@@ -223,10 +223,9 @@ def test_gated_bad_input_names_the_argument(change, match):
 
 
 def with_k64_cases(test):
-    """K = V = 64 (bf16 there has its own launch settings, kernels/chunk.py FAST: the out kernel
-    at 2 warps, dq/dg in 32-key programs): segments (10 chunks into 2, joined in the out
-    kernel) with every chunk decaying past the whole-chunk path (redone), and moderate gates with
-    a state."""
+    """K = V = 64 (bf16 there has launch settings of its own, kernels/chunk.py FAST): segments
+    (10 chunks into 2, joined in the out kernel) with every chunk decaying past the whole-chunk path
+    (redone), and moderate gates with a state."""
     test = example(Problem(B=2, T=600, H=2, K=64, V=64, gate="uniform30", shift=0.0, lower_bound=0.0,
                            with_state=True, seed=11))(test)
     return example(Problem(B=2, T=300, H=2, K=64, V=64, gate="logits", shift=0.0, lower_bound=0.0,
