@@ -163,11 +163,16 @@ def run_round(q, g, v, fla, gates):
         row.update(zip(("sdpa_" + k for k in _KEYS), sdpa))
     print("partial", (B, T, H, K), row, flush=True)  # fla's first call autotunes for minutes on a fresh machine
     if fla is not None and gates == "logsigmoid":
-        k = (1 - g.detach().exp()).to(torch.bfloat16).requires_grad_()
-        gl = g.detach().clone().requires_grad_()
+        k, gl = fla_leaves(g)
         row.update(zip(("fla_" + k for k in _KEYS),
                        fwd_bwd(lambda: fla(q, k, v, gl, scale=K**-0.5)[0], [q, k, v, gl], gpu)))
     return row
+
+
+def fla_leaves(g):
+    """fla's k and g leaves for our g: k = 1 - exp(g) in bf16 as a leaf (as shared/anchors measured
+    it, which spares fla the key's backward) and a copy of g."""
+    return (1 - g.detach().exp()).to(torch.bfloat16).requires_grad_(), g.detach().clone().requires_grad_()
 
 
 def table(rows, bw):

@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with python -P too
-from bench_chunk import SHAPES, inputs, kernel_times  # noqa: E402
+from bench_chunk import SHAPES, fla_leaves, gpu_time, inputs, kernel_times  # noqa: E402
 
 from hgrn2mini.ops import chunk_hgrn2  # noqa: E402
 
@@ -45,12 +45,8 @@ def one_round(B, T, H, K, fla):
     row.update(zip(("fb", "fb_nowalk"), split(fb)))
     row["kernels_fb"] = fb
     if fla is not None:
-        k = (1 - g.detach().exp()).to(torch.bfloat16).requires_grad_()
-        gl = g.detach().clone().requires_grad_()
-        leaves = [q, k, v, gl]
-        row["fla_fb"] = sum(
-            kernel_times(lambda: torch.autograd.grad(fla(q, k, v, gl, scale=K**-0.5)[0], leaves, do)).values()
-        )
+        k, gl = fla_leaves(g)
+        row["fla_fb"] = gpu_time(lambda: torch.autograd.grad(fla(q, k, v, gl, scale=K**-0.5)[0], [q, k, v, gl], do))
     return row
 
 
