@@ -82,8 +82,7 @@ def _forward(q, g, v, initial_state, scale):
     return o, hT, kept
 
 
-@triton_op("hgrn2mini::chunk_hgrn2", mutates_args=())
-def _chunk_hgrn2(
+def _plain_forward(
     q: torch.Tensor, g: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, final state, kept states). The third output is what the backward may reuse: the Triton
@@ -91,6 +90,9 @@ def _chunk_hgrn2(
     integer dtype (so autograd gives it no gradient), else an empty tensor."""
     _check(q, g, v, initial_state)
     return _forward(q, g, v, initial_state, scale)
+
+
+_chunk_hgrn2 = triton_op("hgrn2mini::chunk_hgrn2", mutates_args=())(_plain_forward)
 
 
 def _kept(states, dtype):
@@ -104,8 +106,7 @@ def _backward_body(q, g, v, initial_state, do, dht, scale, states):
     return _chunk.chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale)
 
 
-@triton_op("hgrn2mini::chunk_hgrn2_bwd", mutates_args=())
-def _chunk_hgrn2_bwd(
+def _plain_backward_body(
     q: torch.Tensor,
     g: torch.Tensor,
     v: torch.Tensor,
@@ -118,6 +119,9 @@ def _chunk_hgrn2_bwd(
     return _backward_body(q, g, v, initial_state, do, dht, scale, states)
 
 
+triton_op("hgrn2mini::chunk_hgrn2_bwd", mutates_args=())(_plain_backward_body)
+
+
 def _setup_context(ctx, inputs, output):
     """Both forward ops: every tensor input (scale comes last) and the kept states."""
     *tensors, scale = inputs
@@ -127,24 +131,28 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dht, _):
-    q, g, v, initial_state, states = ctx.saved_tensors
-    if do is None:  # only the final state was used
-        do = torch.zeros_like(v)
-    # do can arrive with stride 0 (the gradient of `.sum()`): the Triton wrapper makes it dense.
-    dq, dg, dv, dh0 = torch.ops.hgrn2mini.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, ctx.scale, states)
-    return dq, dg, dv, (dh0 if initial_state is not None else None), None
+def _op_backward(gated):
+    """The autograd formula of either forward op: its backward op on the saved tensors."""
+    op = torch.ops.hgrn2mini.gated_chunk_hgrn2_bwd if gated else torch.ops.hgrn2mini.chunk_hgrn2_bwd
+
+    def backward(ctx, do, dht, _):
+        *tensors, states = ctx.saved_tensors
+        if do is None:  # only the final state was used
+            do = torch.zeros_like(tensors[-2])
+        # do can arrive with stride 0 (the gradient of `.sum()`): the Triton wrapper makes it dense.
+        return _input_grads(gated, tensors, op(*tensors, do, dht, ctx.scale, states))[1:]
+
+    return backward
 
 
-_chunk_hgrn2.register_autograd(_backward, setup_context=_setup_context)
+_chunk_hgrn2.register_autograd(_op_backward(False), setup_context=_setup_context)
 
 
 def _heads(logits: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
     return tuple(v.shape[:3]) + (logits.shape[-1] // v.shape[2],)
 
 
-@triton_op("hgrn2mini::gated_chunk_hgrn2", mutates_args=())
-def _gated_chunk_hgrn2(
+def _gated_forward(
     q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None, v: torch.Tensor,
     initial_state: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,8 +167,10 @@ def _gated_chunk_hgrn2(
     return _forward(q.view(heads), g.view(heads), v, initial_state, scale)
 
 
-@triton_op("hgrn2mini::gated_chunk_hgrn2_bwd", mutates_args=())
-def _gated_chunk_hgrn2_bwd(
+_gated_chunk_hgrn2 = triton_op("hgrn2mini::gated_chunk_hgrn2", mutates_args=())(_gated_forward)
+
+
+def _gated_backward_body(
     q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None, v: torch.Tensor,
     initial_state: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None, scale: float,
     states: torch.Tensor | None = None,
@@ -189,18 +199,8 @@ def _gated_chunk_hgrn2_bwd(
     return dq_logits.view(shape), df_logits.view(shape), dlb, dv, dh0
 
 
-def _gated_backward(ctx, do, dht, _):
-    q_logits, f_logits, lower_bound, v, initial_state, states = ctx.saved_tensors
-    if do is None:
-        do = torch.zeros_like(v)
-    dq_logits, df_logits, dlb, dv, dh0 = torch.ops.hgrn2mini.gated_chunk_hgrn2_bwd(
-        q_logits, f_logits, lower_bound, v, initial_state, do, dht, ctx.scale, states
-    )
-    return (dq_logits, df_logits, dlb if lower_bound is not None else None, dv,
-            dh0 if initial_state is not None else None, None)
-
-
-_gated_chunk_hgrn2.register_autograd(_gated_backward, setup_context=_setup_context)
+triton_op("hgrn2mini::gated_chunk_hgrn2_bwd", mutates_args=())(_gated_backward_body)
+_gated_chunk_hgrn2.register_autograd(_op_backward(True), setup_context=_setup_context)
 
 
 def _check_logits(q_logits, f_logits, lower_bound, v, initial_state) -> None:
@@ -228,6 +228,63 @@ def _check_logits(q_logits, f_logits, lower_bound, v, initial_state) -> None:
         check_state("initial_state", initial_state, "[B, H, K, V]", (B, H, K, V), v.device)
 
 
+def _direct(*tensors) -> bool:
+    """Whether a call can run the ops' bodies directly, through `_Direct` (plain eager tensors: no
+    compiler or exporter tracing, no dispatch mode such as fake tensors or functionalization).
+
+    The `torch.library` ops are what compile and export need (one node each, the Triton kernels
+    visible to Inductor). In eager their dispatch layers cost more host time per call than the
+    kernels take on the GPU at training sizes; the bodies they dispatch to are the same functions."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if _dispatch_mode() is not None:
+        return False
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
+_dispatch_mode = torch.utils._python_dispatch._get_current_dispatch_mode
+
+
+class _Direct(torch.autograd.Function):
+    """Eager calls of either op: the op's forward body, and its backward body (`_backward_body`, or
+    the gated one). With create_graph the backward goes through the backward op, whose missing
+    derivative then gives the same clear error as the op path."""
+
+    @staticmethod
+    def forward(ctx, gated, *inputs):
+        *tensors, scale = inputs
+        o, hT, kept = (_gated_forward if gated else _plain_forward)(*inputs)
+        ctx.save_for_backward(*tensors, kept)
+        ctx.scale, ctx.gated = scale, gated
+        ctx.set_materialize_grads(False)
+        return o, hT
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        *tensors, states = ctx.saved_tensors
+        v = tensors[-2]
+        if do is None:
+            do = torch.zeros_like(v)
+        if torch.is_grad_enabled():  # create_graph: the op, for its error on differentiating again
+            op = torch.ops.hgrn2mini.gated_chunk_hgrn2_bwd if ctx.gated else torch.ops.hgrn2mini.chunk_hgrn2_bwd
+            grads = op(*tensors, do, dht, ctx.scale, states)
+        else:
+            grads = (_gated_backward_body if ctx.gated else _plain_backward_body)(*tensors, do, dht, ctx.scale, states)
+        return _input_grads(ctx.gated, tensors, grads)
+
+
+def _input_grads(gated, tensors, grads):
+    """The backward ops' outputs as gradients of the forward's inputs: None for absent optional
+    inputs (lower bound, initial state) and for scale; with `_Direct`, None for its `gated` flag."""
+    initial_state = tensors[-1]
+    if gated:
+        dq_logits, df_logits, dlb, dv, dh0 = grads
+        return (None, dq_logits, df_logits, dlb if tensors[2] is not None else None, dv,
+                dh0 if initial_state is not None else None, None)
+    dq, dg, dv, dh0 = grads
+    return None, dq, dg, dv, (dh0 if initial_state is not None else None), None
+
+
 def gated_chunk_hgrn2(
     q_logits: torch.Tensor,
     f_logits: torch.Tensor,
@@ -248,6 +305,8 @@ def gated_chunk_hgrn2(
     """
     if scale is None:
         scale = (q_logits.shape[-1] // v.shape[2]) ** -0.5
+    if _direct(q_logits, f_logits, lower_bound, v, initial_state):
+        return _Direct.apply(True, q_logits, f_logits, lower_bound, v, initial_state, float(scale))
     o, hT, _ = torch.ops.hgrn2mini.gated_chunk_hgrn2(q_logits, f_logits, lower_bound, v, initial_state, float(scale))
     return o, hT
 
@@ -272,5 +331,7 @@ def chunk_hgrn2(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if _direct(q, g, v, initial_state):
+        return _Direct.apply(False, q, g, v, initial_state, float(scale))
     o, hT, _ = torch.ops.hgrn2mini.chunk_hgrn2(q, g, v, initial_state, float(scale))
     return o, hT
