@@ -1,12 +1,15 @@
 """One forward + backward of the op against the float64 chunked reference: relative errors.
 
-    python benchmarks/check_shapes.py K V dtype [nofast] (device machine; one process per shape,
-                                                          since a faulting kernel poisons the context)
+    python tools/check_shapes.py K V dtype [--nofast] [--out DIR]
 
-`errors` is also what benchmarks/sweep_configs.py checks each configuration with.
+On a GPU, one process per shape (a faulting kernel poisons its CUDA context; tools/gpu_run.sh runs
+the sweep). Prints one line, K V dtype and the errors; with --out also writes them to
+DIR/shape_K_V_dtype.json. `errors` is also what tools/sweep_configs.py checks each configuration with.
 """
 
-import sys
+import argparse
+import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +45,24 @@ def errors(K, V, dtype, B=2, T=130, H=2, gates="logsigmoid", device="cuda"):
     return out
 
 
-if __name__ == "__main__":
-    if "nofast" in sys.argv:  # the default configuration even where chunk.FAST overrides it
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("K", type=int, help="key dimension")
+    p.add_argument("V", type=int, help="value dimension")
+    p.add_argument("dtype", choices=("bfloat16", "float16", "float32"), help="dtype of q and v")
+    p.add_argument("--nofast", action="store_true",
+                   help="the default launch settings even where chunk.FAST overrides them")
+    p.add_argument("--out", default=None, help="folder for shape_K_V_dtype.json (none: print only)")
+    args = p.parse_args()
+    if args.nofast:
         chunk.FAST.clear()
-    K, V, dtype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    print(K, V, dtype, errors(K, V, getattr(torch, dtype)), flush=True)
+    errs = errors(args.K, args.V, getattr(torch, args.dtype))
+    print(args.K, args.V, args.dtype, errs, flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"shape_{args.K}_{args.V}_{args.dtype}.json"), "w") as fh:
+            json.dump(dict(K=args.K, V=args.V, dtype=args.dtype, nofast=args.nofast, errors=errs), fh)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# One call on the device machine: correctness first, then speed.
-#   device run: bash benchmarks/gpu_run.sh [check|shapes|tests|bench|sweep|lm|none|all]  (carry .whl for fla)
+# One call on a GPU machine: correctness first, then speed. Everything it writes goes to $OUT.
+#   OUT=/tmp/out bash tools/gpu_run.sh [check|shapes|tests|bench|sweep|lm|none|all]
+# Wheels in .whl/ (fla and its dependencies, for the comparisons) are installed to /tmp/site first.
 #
 # check: shapes, then tests.
-# shapes: the shape sweep (one process per shape: a faulting kernel poisons its CUDA context).
+# shapes: tools/check_shapes.py at every supported (K, V, dtype), one process per shape (a faulting
+#         kernel poisons its CUDA context); $OUT/shapes.txt.
 # tests: the GPU tests, split over parallel pytest processes. Triton compiles each kernel variant
-#        on the CPU, and one process runs them one after another: in parallel the whole set takes
-#        ~3 min instead of over 10. Each process logs to $OUT/t_<name>.log.
-# bench: bench_chunk.py (ours, SDPA, fla side by side), alone on the GPU.
-# sweep: sweep_configs.py (ours at every shape; configs from env SWEEP_CONFIGS, a JSON list of
-#        CONFIG updates, e.g. '[{}, {"dqg_bk": 32, "dqg_warps": 4}]'; shapes from SWEEP_SHAPES, e.g. 0,2).
-# lm:    bench_lm.py, the 374M training step (MODELS=ours|fla|llama, SHAPES=8x2048,2x8192, LM_ARGS; one
-#        model per call: fla autotunes for minutes). Not part of "all".
+#        on the CPU, and one process compiles them one after another: in parallel the whole set
+#        takes ~3 min instead of over 10. Each process logs to $OUT/t_<name>.log; $OUT/tests.txt.
+# bench: benchmarks/bench_ops.py --out $OUT (ours, fla and SDPA side by side), alone on the GPU.
+# sweep: tools/sweep_configs.py --out $OUT (ours at every shape; configs from env SWEEP_CONFIGS, a
+#        JSON list of CONFIG updates, e.g. '[{}, {"dqg_bk": 32}]'; shapes from SWEEP_SHAPES, e.g. 0,2).
+# lm:    benchmarks/bench_lm.py, the 374M training step (MODELS=ours|fla|llama, SHAPES=8x2048,2x8192,
+#        LM_ARGS; one model per call: fla autotunes for minutes). Not part of "all".
 # none:  only the set-up (fla's wheels, the package shim), for a command of one's own after it.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -35,7 +37,7 @@ if [[ $what == check || $what == shapes || $what == all ]]; then
   for s in "128 128 bfloat16" "16 16 bfloat16" "32 128 bfloat16" "64 64 bfloat16" "128 16 bfloat16" \
            "16 256 bfloat16" "256 256 bfloat16" "256 16 bfloat16" "64 256 bfloat16" "64 16 bfloat16" \
            "128 128 float32" "16 64 float32" "64 16 float32"; do
-    i=$((i + 1)); timeout 150 $P benchmarks/check_shapes.py $s > "$OUT/shape_$i.log" 2>&1 &
+    i=$((i + 1)); timeout 150 $P tools/check_shapes.py $s --out "$OUT" > "$OUT/shape_$i.log" 2>&1 &
   done
   wait
   tail -q -n 1 "$OUT"/shape_*.log | tee "$OUT/shapes.txt"
@@ -53,8 +55,8 @@ if [[ $what == check || $what == tests || $what == all ]]; then
   run long3 -m gpu tests/test_ops.py -k "long_sequence and 256-16"
   run long4 -m gpu tests/test_ops.py -k "long_sequence and 64-64"
   run model -m gpu tests/test_model.py
-  # test_kernels.py in three processes: in one it ran past the 400 s limit on the H100, and so did
-  # the gated tests with the offline compile checks (61 variants) in one (2026-11-24).
+  # test_kernels.py in three processes: in one it runs past the 400 s limit, and so do the gated
+  # tests together with the offline compile checks.
   run kernels1 tests/test_kernels.py -k "gated or gates"
   run kernels3 tests/test_kernels.py -k "variants or outputs_written"
   run kernels2 tests/test_kernels.py -k "not (gated or gates or variants or outputs_written)"
@@ -65,11 +67,11 @@ if [[ $what == check || $what == tests || $what == all ]]; then
   done | tee "$OUT/tests.txt"
 fi
 if [[ $what == bench || $what == all ]]; then
-  PYTHONPATH="/tmp/shim${SITE:+:$SITE}" $P benchmarks/bench_chunk.py --out "$OUT" --results "$OUT/RESULTS_append.md" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  PYTHONPATH="/tmp/shim${SITE:+:$SITE}" $P benchmarks/bench_ops.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 fi
 if [[ $what == sweep || $what == all ]]; then
-  $P benchmarks/sweep_configs.py 2>&1 | tee "$OUT/sweep.log"
+  $P tools/sweep_configs.py --out "$OUT" 2>&1 | tee "$OUT/sweep.log"
 fi
 if [[ $what == lm ]]; then
-  PYTHONPATH="/tmp/shim${SITE:+:$SITE}" OUT="$OUT" $P benchmarks/bench_lm.py ${LM_ARGS:-} 2>&1 | tee -a "$OUT/lm.log"
+  PYTHONPATH="/tmp/shim${SITE:+:$SITE}" OUT="$OUT" $P benchmarks/bench_lm.py ${LM_ARGS:-} 2>&1 | tee "$OUT/lm.log"
 fi

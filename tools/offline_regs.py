@@ -1,12 +1,14 @@
 """Registers and stack (spill) bytes per thread of the Triton kernels, compiled for sm_90 on a
-machine without a GPU (Triton ships ptxas and cuobjdump). A proxy for register pressure between
-device sessions. The pointers are typed 16-byte aligned, as a launch specializes them: the
-stack frames that earlier reports found here and the H100 did not (2026-11-24) came from compiling
-them unaligned. With Triton 3.6 (the device's) and 3.9 the counts still differ somewhat.
+machine without a GPU (Triton ships ptxas and cuobjdump): a proxy for register pressure without a
+GPU. The pointers are typed 16-byte aligned, as a launch specializes them (compiled unaligned, every
+global load becomes 2-byte scalar loads and the counts are not the launched kernel's). Triton 3.6
+and 3.9 give somewhat different counts.
 
-    python benchmarks/offline_regs.py [state] [out] [walk_out] [dqg] [--gated]  (K = V = 128, bf16)
-    python benchmarks/offline_regs.py --check K V              (exit status: every variant compiles)
-    python benchmarks/offline_regs.py --writes                 (exit status: no input reported written)
+    python tools/offline_regs.py [state] [out] [walk_out] [dqg] [--gated] [--out DIR]  (K = V = 128, bf16)
+    python tools/offline_regs.py --check K V    (exit status: every variant compiles)
+    python tools/offline_regs.py --writes       (exit status: no input reported written)
+
+What is printed is also written to DIR/offline_regs.txt with --out.
 
 --gated: the dq/dg kernel carrying the gradients through the gates (GATES, with a lower bound).
 --writes: runs the gated op's kernels (the gates' kernel, forward, backward; split and walk_out) through torch's
@@ -20,6 +22,7 @@ redefines an argument with another type inside a branch compiles under eager lau
 fails under torch.compile.
 """
 
+import argparse
 import os
 import re
 import subprocess
@@ -34,11 +37,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
+FAMILIES = ["state", "out", "walk_out", "dqg"]
 
 
 class Sm90Driver:
     """A stand-in for Triton's driver on a machine without a GPU: only what torch's analysis of
-    user kernels (and Inductor's, benchmarks/saved_activations.py) asks of it."""
+    user kernels (and Inductor's, tools/saved_activations.py) asks of it."""
 
     def get_current_target(self):
         return TARGET
@@ -70,8 +74,7 @@ def usage(fn, types: dict, consts: dict, warps: int, stages: int = 1, aligned: b
     sig = {p: ("constexpr" if p in consts else types[p]) for p in fn.arg_names}
     # aligned, as a launch on tensors from torch's allocator is: Triton specializes 16-byte aligned
     # pointers as such. Without it every global load compiles to 2-byte scalar loads, and the
-    # register and spill counts are not the launched kernel's (found 2026-11-24, eleventh session:
-    # the paired walk's "spills" of earlier reports were this).
+    # register and spill counts are not the launched kernel's.
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.arg_names) if aligned and sig[p].startswith("*")}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=TARGET,
                             options={"num_warps": warps, "num_stages": stages})
@@ -129,9 +132,9 @@ def check(K: int, V: int) -> int:
     return failed
 
 
-def main():
-    what = set(sys.argv[1:]) - {"--gated"} or {"state", "out", "walk_out", "dqg"}
-    gates = GATED if "--gated" in sys.argv else PLAIN
+def counts(what: set, gated: bool):
+    """Prints the register and stack counts of each kernel family in `what` at K = V = 128, bf16."""
+    gates = GATED if gated else PLAIN
     ptrs = {**(GATED_ARGS if gates["GATES"] else ARGS), "scale": "fp32"}
     if "state" in what:
         for BS, warps, stages, rev, seg, pair in [(64, 4, 3, False, False, True), (64, 4, 3, True, False, True),
@@ -224,10 +227,43 @@ def writes() -> int:
     return bad
 
 
+class _Tee:
+    """stdout that also writes to a file."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", nargs="*", help=f"kernel families to count, of {FAMILIES} (none: all)")
+    p.add_argument("--gated", action="store_true", help="the dq/dg kernel with the gradients through the gates")
+    p.add_argument("--check", nargs=2, type=int, metavar=("K", "V"), default=None,
+                   help="compile every variant taking `scale` as Inductor types it, at these K, V")
+    p.add_argument("--writes", action="store_true", help="check torch's analysis of the arguments each kernel writes")
+    p.add_argument("--out", default=None, help="folder for offline_regs.txt (none: print only)")
+    args = p.parse_args()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        sys.stdout = _Tee(sys.stdout, open(os.path.join(args.out, "offline_regs.txt"), "w"))  # noqa: SIM115
+    if args.writes:
+        return 1 if writes() else 0
+    if args.check:
+        return 1 if check(*args.check) else 0
+    unknown = set(args.what) - set(FAMILIES)
+    if unknown:
+        p.error(f"kernel families must be among {FAMILIES}, got {sorted(unknown)}")
+    counts(set(args.what or FAMILIES), args.gated)
+    return 0
+
+
 if __name__ == "__main__":
-    if "--writes" in sys.argv:
-        sys.exit(1 if writes() else 0)
-    if "--check" in sys.argv:
-        i = sys.argv.index("--check")
-        sys.exit(1 if check(int(sys.argv[i + 1]), int(sys.argv[i + 2])) else 0)
-    main()
+    raise SystemExit(main())

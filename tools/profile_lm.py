@@ -1,8 +1,11 @@
 """Where the 374M training step's time goes: GPU time per kernel family, and how much of the step
 the GPU spends idle (the host not keeping up), for ours compiled whole or by regions.
 
-    python benchmarks/profile_lm.py --mode regions --shapes 8x2048,2x8192
-    python benchmarks/profile_lm.py --mode model --shapes 8x2048
+    python tools/profile_lm.py --mode regions --shapes 8x2048,2x8192 [--trace] [--out DIR]
+    python tools/profile_lm.py --mode model --shapes 8x2048
+
+The model is benchmarks/bench_lm.py's (ours, 374M). Per shape, a summary is printed and the full
+figures written to DIR/profile_lm_MODE_BxT.json (with --trace also a chrome trace beside it).
 
 Also counts the compile-time cost of reading our Triton kernels: torch generates each user kernel's
 Triton IR to learn which arguments it writes, once per call site while tracing and once while
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_lm import VOCAB, build  # noqa: E402
 
 FAMILIES = (  # first match wins: (family, substrings of the kernel name)
@@ -124,13 +127,16 @@ def run(mode: str, B: int, T: int, steps: int, trace: Path | None = None) -> dic
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("regions", "model"), default="regions")
-    p.add_argument("--shapes", default="8x2048,2x8192")
-    p.add_argument("--steps", type=int, default=5)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=("regions", "model"), default="regions",
+                   help="model.compile_regions() or torch.compile of the whole model")
+    p.add_argument("--shapes", default="8x2048,2x8192", help="BxT, comma-separated")
+    p.add_argument("--steps", type=int, default=5, help="timed and profiled steps")
     p.add_argument("--trace", action="store_true", help="also profile the host: top CPU ops, a chrome trace")
+    p.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for the JSON files (env OUT)")
     args = p.parse_args()
-    out = Path(os.environ.get("OUT", "."))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for s in args.shapes.split(","):
         B, T = (int(x) for x in s.split("x"))
         trace = out / f"trace_{args.mode}_{B}x{T}.json" if args.trace else None
