@@ -18,16 +18,8 @@ settings.register_profile("gpu", max_examples=150, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (left out of CI)")
-
-
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
-    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
-    run_slow = config.getoption("--runslow")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-        if "slow" in item.keywords and not run_slow:
-            item.add_marker(skip_slow)
