@@ -1,14 +1,13 @@
 """Training-step benchmark of the 374M language model: ours (compiled) against fla's HGRN2 (eager)
 and a LLaMA of the same size from transformers (compiled, SDPA).
 
-    python benchmarks/bench_lm.py                                   # everything (~15 min on an H100)
-    python benchmarks/bench_lm.py --models ours --shapes 8x2048     # one model, one shape
-    OUT=results python benchmarks/bench_lm.py --models fla          # JSON to $OUT/bench_lm_fla.json
-    python benchmarks/bench_lm.py --models ours --regional          # ours with compile_regions()
-    python benchmarks/bench_lm.py --models ours --kernel-config '{"keep_states": false}'
+    python benchmarks/bench_lm.py --out results                     # everything (~15 min on an H200)
+    python benchmarks/bench_lm.py --models ours,llama --regional    # ours with compile_regions(), as train.py
+    python benchmarks/bench_lm.py --models ours --regional --mode reduce-overhead   # CUDA graphs too
+    python benchmarks/bench_lm.py --models fla --out results        # fla alone: it autotunes for minutes
 
 One step = forward with labels, backward, fused AdamW step, zero_grad; bf16 weights (and so bf16
-optimizer states), as shared/anchors/anchors_lm_step.py measures the anchors; each model with its
+optimizer states); each model with its
 library's training loss head: ours `fuse_linear_cross_entropy` (as examples/train.py; --logits-loss
 for the loss from the logits), fla its default (logits and its fused cross-entropy), LLaMA
 transformers' (logits, then cross-entropy in fp32). Per model and shape:
@@ -71,19 +70,22 @@ def compiler_counts() -> dict[str, int]:
 
 
 def bench(name: str, B: int, T: int, compile_: bool, steps: int, warmup: int, regional: bool = False,
-          fused_loss: bool = True) -> dict:
+          fused_loss: bool = True, mode: str = "default") -> dict:
     dev = "cuda"
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build(name, T, fused_loss).to(dev, torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, VOCAB, (B, T), device=dev)
+    kw = dict(dynamic=False, mode=None if mode == "default" else mode)
     if compile_ and regional:  # ours only: each block and the head compiled on their own
-        m = model.compile_regions(dynamic=False)
+        m = model.compile_regions(**kw)
     else:
-        m = torch.compile(model, dynamic=False) if compile_ else model
+        m = torch.compile(model, **kw) if compile_ else model
 
     def step():
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         out = m(input_ids=ids, labels=ids)
         out.loss.backward()
         opt.step()
@@ -114,6 +116,7 @@ def bench(name: str, B: int, T: int, compile_: bool, steps: int, warmup: int, re
         "final_loss": loss.item(),
         "compiled": compile_,
         "regional": compile_ and regional,
+        "mode": mode,
     }
     if compile_:
         result.update(compiler_counts())
@@ -141,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps, the first one included")
     p.add_argument("--eager", action="store_true", help="run ours and llama without torch.compile too")
     p.add_argument("--regional", action="store_true", help="compile ours by blocks (compile_regions)")
+    p.add_argument("--mode", default="default", choices=("default", "reduce-overhead"),
+                   help="torch.compile mode for the compiled models (reduce-overhead: CUDA graphs)")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON (env OUT); none: print only")
     p.add_argument("--logits-loss", action="store_true",
                    help="ours: loss from the [tokens, vocab] logits, not fuse_linear_cross_entropy")
     p.add_argument("--kernel-config", default=os.environ.get("KERNEL_CONFIG"),
@@ -169,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         # another CONFIG would be served (seen on 2026-11-24). Compile afresh.
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
-    out_dir = os.environ.get("OUT")
-    tag = ("_".join(models) + ("_regional" if args.regional else "") + ("_kcfg" if args.kernel_config else "")
+    out_dir = args.out
+    tag = ("_".join(models) + ("_regional" if args.regional else "") + ("_graphs" if args.mode != "default" else "") + ("_kcfg" if args.kernel_config else "")
            + ("_logits_loss" if args.logits_loss else ""))
     out_path = Path(out_dir) / f"bench_lm_{tag}.json" if out_dir else None
     results = {"_about": {**environment(), "config": dict(hidden=D, layers=LAYERS, vocab=VOCAB, expand_ratio=EXPAND),
-                          "kernel_config": args.kernel_config, "regional": args.regional,
+                          "kernel_config": args.kernel_config, "regional": args.regional, "mode": args.mode,
                           "ours_fuse_linear_cross_entropy": not args.logits_loss,
                           "method": f"bf16 weights, fused AdamW, {args.warmup} warm-up steps (first timed "
                                     f"separately), mean of {args.steps} synchronized steps"}}
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:6.1f}s] {key}", flush=True)
         try:
             results[key] = bench(name, B, T, c, args.steps, args.warmup, args.regional and name == "ours",
-                                 not args.logits_loss)
+                                 not args.logits_loss, args.mode)
         except Exception as e:  # an import that fails, an OOM: record it and go on with the others
             traceback.print_exc()
             results[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
