@@ -207,6 +207,9 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for bench_ops.json and .md")
     p.add_argument("--shapes", default=SHAPES, help="comma-separated B x T x H x K (V = K)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    p.add_argument("--fla-shapes", default="all",
+                   help="shapes with fla's rows beside ours ('all', or a comma-separated subset of --shapes): "
+                        "fla autotunes its kernels at each new shape")
     args = p.parse_args(argv)
     rows = set(args.rows.split(","))
     if not rows <= set(ROWS):
@@ -221,7 +224,8 @@ def main(argv=None):
     for shape in args.shapes.split(",") if rows - {"short"} else []:
         B, T, H, K = map(int, shape.split("x"))
         print(f"{shape} ...", flush=True)
-        result["shapes"][shape] = rows_for_shape(B, T, H, K, rows, fla)
+        with_fla = fla if args.fla_shapes == "all" or shape in args.fla_shapes.split(",") else None
+        result["shapes"][shape] = rows_for_shape(B, T, H, K, rows, with_fla)
         torch.cuda.empty_cache()
         (args.out / "bench_ops.json").write_text(json.dumps(result, indent=1))
     if "short" in rows:
