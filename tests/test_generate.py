@@ -1,0 +1,316 @@
+"""Generation (hgrn2mini.generation): greedy against the argmax of full forwards, left padding,
+continuing from a state, eos per row, constant memory, sampling, input errors; on CUDA the
+captured steps against the eager one and no compilation after warm-up."""
+
+import gc
+
+import pytest
+import torch
+from naive import rel_err
+
+from hgrn2mini import HGRN2Config, HGRN2ForCausalLM
+from hgrn2mini import generation as gen
+from hgrn2mini.generation import CHECK_EVERY, generate, sample, warmup
+from hgrn2mini.model import MASKED_F_LOGIT
+from hgrn2mini.ops import gates
+
+TOL_FP32 = 2e-5
+
+
+def tiny(seed=0, **overrides):
+    """D = 64, H = 4 heads of K = V = 16, 3 layers, random everything. initializer_range 0.2 makes
+    the logits decisive (top-2 gaps far above fp32 rounding), so greedy tokens are well defined."""
+    cfg = dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, expand_ratio=16, initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = HGRN2ForCausalLM(HGRN2Config(**{**cfg, **overrides})).eval()
+    with torch.no_grad():
+        model.model.lower_bounds.normal_(0.0, 1.0)
+        for layer in model.model.layers:
+            layer.attn.g_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def left_pad(prompts, pad_id=5):
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def prompts(lengths, vocab=97, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def forward_state(model, ids):
+    with torch.no_grad():
+        return model(ids, return_state=True).state
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy, streaming, padding
+# ----------------------------------------------------------------------------------------------
+
+
+def test_greedy_generate_equals_argmax_of_full_forward():
+    model = tiny(seed=6)
+    prompt = torch.randint(0, 97, (2, 9))
+    tokens = list(model.generate(prompt, max_new_tokens=6, temperature=0))
+    assert len(tokens) == 6
+    seq = prompt
+    for tok in tokens:
+        assert tok.shape == (2,) and tok.dtype == torch.long
+        assert torch.equal(tok, model(seq).logits[:, -1].argmax(-1))
+        seq = torch.cat([seq, tok[:, None]], 1)
+    out = model.generate(prompt, 6, temperature=0).result()
+    assert torch.equal(out.tokens, seq[:, 9:]) and out.lengths.tolist() == [6, 6]
+    # The state holds every token returned, the last one included.
+    assert rel_err(out.state, forward_state(model, seq)) < TOL_FP32
+
+
+def test_zero_new_tokens_reads_the_prompt_only():
+    model = tiny()
+    prompt = torch.randint(0, 97, (2, 5))
+    assert list(model.generate(prompt, 0)) == []
+    out = model.generate(prompt, 0).result()
+    assert out.tokens.shape == (2, 0) and out.lengths.tolist() == [0, 0]
+    assert rel_err(out.state, forward_state(model, prompt)) < TOL_FP32
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    model = tiny(seed=2)
+    ps = prompts([3, 12, 7, 1])
+    ids, mask = left_pad(ps)
+    batch = model.generate(ids, 10, temperature=0, attention_mask=mask).result()
+    for i, p in enumerate(ps):
+        alone = model.generate(torch.tensor([p]), 10, temperature=0).result()
+        assert torch.equal(batch.tokens[i], alone.tokens[0]), i
+        assert rel_err(batch.state[:, i], alone.state[:, 0]) < TOL_FP32
+
+
+def test_padding_leaves_the_state_exactly_unchanged():
+    # The gates at the masked logit: g = 0 and k = 1 - f = 0 exactly, bound or not, every dtype.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        f = torch.full((2, 8), MASKED_F_LOGIT, dtype=dtype)
+        for lb in (None, torch.tensor([0.0, 1e-6, 0.3, 0.5, 0.9, 0.99, 0.999, 1 - 2**-20])):
+            _, g = gates(f, f, lb)
+            assert (g == 0).all() and (-torch.expm1(g) == 0).all(), (dtype, lb)
+    # Through the model: a row of padding leaves a given state bit for bit as it was.
+    model = tiny()
+    state = torch.randn(model.model.state_shape(2))
+    ids = torch.randint(0, 97, (2, 70))  # more than one 64-token chunk
+    out = model(ids, state=state, attention_mask=torch.zeros_like(ids))
+    assert torch.equal(out.state, state) and torch.isfinite(out.logits).all()
+
+
+def test_attention_mask_is_exact_under_autograd():
+    """A left-padded row's loss (the padding's targets -100) and gradients equal the row's alone."""
+    model = tiny(seed=3).train()
+    p = prompts([9])[0]
+    padded, mask = left_pad([p, p[:4]], pad_id=11)  # [2, 9]: row 1 has 5 positions of padding
+    ids = torch.tensor([[11] * 5 + p])
+    mask = torch.tensor([[0] * 5 + [1] * 9])
+    labels = torch.tensor([[-100] * 6 + p[1:]])  # position t predicts labels[t + 1]; p[0] has no predictor alone
+
+    def loss_and_grads(ids, labels, mask=None):
+        model.zero_grad()
+        loss = model(ids, labels=labels, attention_mask=mask).loss
+        loss.backward()
+        return loss, [q.grad.clone() for q in model.parameters()]
+
+    loss_pad, grads_pad = loss_and_grads(ids, labels, mask)
+    loss_alone, grads_alone = loss_and_grads(torch.tensor([p]), torch.tensor([p]))
+    assert rel_err(loss_pad, loss_alone) < TOL_FP32
+    for a, b in zip(grads_pad, grads_alone):
+        assert torch.isfinite(a).all() and rel_err(a, b) < TOL_FP32
+    # The pad token's embedding row gets no gradient from any real position.
+    assert model.model.embeddings.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# State, eos, memory
+# ----------------------------------------------------------------------------------------------
+
+
+def test_continuing_from_a_returned_state_equals_one_long_generation():
+    model = tiny(seed=4)
+    P = torch.randint(0, 97, (2, 6))
+    Q = torch.randint(0, 97, (2, 3))
+    first = model.generate(P, 5, temperature=0).result()
+    assert torch.equal(model.generate(P, 12, temperature=0).result().tokens[:, :5], first.tokens)
+    turn = model.generate(Q, 7, temperature=0, state=first.state).result()
+    whole = model.generate(torch.cat([P, first.tokens, Q], 1), 7, temperature=0).result()
+    assert torch.equal(turn.tokens, whole.tokens)
+    assert rel_err(turn.state, whole.state) < TOL_FP32
+    # A state given on its own: the prompt starts from it.
+    start = torch.randn(model.model.state_shape(2)) * 0.5
+    out = model.generate(Q, 4, temperature=0, state=start).result()
+    seq = Q
+    for t in range(4):
+        with torch.no_grad():
+            logits = model(seq, state=start).logits[:, -1]
+        assert torch.equal(out.tokens[:, t], logits.argmax(-1))
+        seq = torch.cat([seq, out.tokens[:, t : t + 1]], 1)
+
+
+def test_eos_stops_each_row_on_its_own():
+    model = tiny(seed=5)
+    ps = prompts([4, 8, 6], seed=3)
+    ids, mask = left_pad(ps)
+    free = model.generate(ids, 12, temperature=0, attention_mask=mask).result().tokens
+    eos = [free[0, 2].item(), free[1, 7].item()]
+    out = model.generate(ids, 12, temperature=0, attention_mask=mask, eos_token_id=eos, pad_token_id=0).result()
+    for i, p in enumerate(ps):
+        row = free[i].tolist()
+        n = next((j + 1 for j, t in enumerate(row) if t in eos), 12)
+        assert out.lengths[i].item() == n, i
+        assert out.tokens[i, :n].tolist() == row[:n] and (out.tokens[i, n:] == 0).all()
+        # The row's state holds its prompt and its tokens up to its eos, nothing after.
+        alone = forward_state(model, torch.tensor([p + row[:n]]))
+        assert rel_err(out.state[:, i], alone[:, 0]) < TOL_FP32
+    assert out.tokens.shape[1] == out.lengths.max().item()
+
+
+def test_generation_stops_soon_after_every_row_has_finished():
+    model = tiny(seed=5)
+    ids = torch.randint(0, 97, (2, 4))
+    free = model.generate(ids, 3, temperature=0).result().tokens
+    eos = [free[0, 0].item(), free[1, 1].item()]
+    steps = list(model.generate(ids, 500, temperature=0, eos_token_id=eos))
+    assert len(steps) <= 2 + 2 * CHECK_EVERY
+    assert all((s == eos[0]).all() for s in steps[2:])  # finished rows give the pad (the first eos)
+
+
+def test_decode_memory_does_not_grow_with_the_number_of_tokens():
+    model = tiny()
+    it = model.generate(torch.randint(0, 97, (2, 5)), 200, temperature=0.7, top_k=20)
+    next(it)
+    buffers = gen._decoder(model).buffers[2]
+    ptrs = [t.data_ptr() for t in buffers.tensors()]
+
+    def live_tensors():
+        gc.collect()
+        return sum(type(o) is torch.Tensor for o in gc.get_objects())
+
+    for _ in range(10):
+        next(it)
+    before = live_tensors()
+    for _ in range(150):
+        next(it)
+    assert live_tensors() == before
+    assert [t.data_ptr() for t in buffers.tensors()] == ptrs
+    # A later call with this batch size reuses the buffers; the returned state is a copy.
+    out = it.result()
+    again = model.generate(torch.randint(0, 97, (2, 3)), 4, temperature=0).result()
+    assert [t.data_ptr() for t in gen._decoder(model).buffers[2].tensors()] == ptrs
+    assert out.state.data_ptr() != again.state.data_ptr() != buffers.state.data_ptr()
+
+
+def test_streamed_tokens_are_the_result_and_grad_mode_is_left_alone():
+    model = tiny()
+    ids = torch.randint(0, 97, (3, 4))
+    it = model.generate(ids, 7, generator=torch.Generator().manual_seed(1))
+    streamed = []
+    for tok in it:
+        assert torch.is_grad_enabled()
+        streamed.append(tok)
+    assert torch.equal(torch.stack(streamed, 1), it.result().tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_reproduces_and_top_k_1_or_tiny_top_p_is_greedy():
+    model = tiny(seed=7)
+    ids = torch.randint(0, 97, (3, 4))
+
+    def run(**kw):
+        return model.generate(ids, 20, **kw).result().tokens
+
+    a = run(generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, run(generator=torch.Generator().manual_seed(0)))
+    assert not torch.equal(a, run(generator=torch.Generator().manual_seed(1)))
+    greedy = run(temperature=0)
+    assert not torch.equal(a, greedy)
+    assert torch.equal(run(top_k=1), greedy)
+    assert torch.equal(run(top_p=1e-6), greedy)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.5), dict(top_k=5, top_p=0.7, temperature=2.0)])
+def test_sampled_tokens_are_among_the_allowed(kw):
+    model = tiny(seed=8, initializer_range=0.05)  # flatter logits: many tokens compete
+    ids = torch.randint(0, 97, (4, 5))
+    out = model.generate(ids, 16, generator=torch.Generator().manual_seed(2), **kw).result()
+    seq = torch.cat([ids, out.tokens], 1)
+    with torch.no_grad():
+        logits = model(seq).logits[:, 4:-1].float() / kw.get("temperature", 1.0)  # predicting each new token
+    sorted_logits = logits.sort(-1, descending=True).values
+    rank = (logits > logits.gather(-1, out.tokens[..., None])).sum(-1)  # tokens strictly more likely
+    if "top_k" in kw:
+        assert (rank < kw["top_k"]).all()
+    if "top_p" in kw:
+        p = sorted_logits.softmax(-1)
+        before = (p.cumsum(-1) - p).gather(-1, rank[..., None])[..., 0]  # mass strictly before the token
+        assert (before < kw["top_p"] + 1e-6).all()
+    assert (rank > 0).any()  # not merely greedy
+
+
+def test_sample_top_k_and_top_p_keep_only_allowed_tokens():
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample(logits, top_k=2, generator=g).tolist()) == {1, 2}
+    # softmax mass: token 1 ~0.64, token 2 ~0.24; top_p 0.8 keeps exactly those two.
+    assert set(sample(logits, top_p=0.8, generator=g).tolist()) == {1, 2}
+    # Unrestricted sampling follows the softmax: token 1's frequency near its probability.
+    got = sample(logits, generator=g)
+    p1 = torch.softmax(logits[0], -1)[1].item()
+    assert abs((got == 1).double().mean().item() - p1) < 0.04
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and warm-up
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bad_arguments_get_errors_that_name_them():
+    model = tiny()
+    ids = torch.randint(0, 97, (2, 5))
+    state3 = torch.zeros(model.model.state_shape(3))
+    for kwargs, err, match in [
+        (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0, got -1"),
+        (dict(max_new_tokens=2.0), ValueError, "max_new_tokens"),
+        (dict(temperature=-1.0), ValueError, "temperature must be"),
+        (dict(top_k=0), ValueError, "top_k must be"),
+        (dict(top_p=1.5), ValueError, "top_p must be"),
+        (dict(eos_token_id=97), ValueError, r"eos_token_id must be token ids in \[0, vocab_size=97\), got 97"),
+        (dict(eos_token_id=[1, -1]), ValueError, "eos_token_id"),
+        (dict(pad_token_id=500), ValueError, "pad_token_id"),
+        (dict(attention_mask=torch.ones(2, 4)), TypeError, "attention_mask must be a bool or integer"),
+        (dict(attention_mask=torch.ones(2, 4, dtype=torch.long)), ValueError,
+         r"attention_mask must have input_ids' shape \[2, 5\], got \[2, 4\]"),
+        (dict(attention_mask=torch.tensor([[1, 1, 0, 1, 1]] * 2)), ValueError, "attention_mask must be left-padded"),
+        (dict(attention_mask=torch.tensor([[1, 1, 1, 1, 0]] * 2)), ValueError, "attention_mask must be left-padded"),
+        (dict(attention_mask=torch.full((2, 5), 2)), ValueError, "attention_mask must hold only 0"),
+        (dict(state=state3), ValueError, "state must have input_ids' batch size 2"),
+        (dict(state=torch.zeros(model.model.state_shape(2)).double()), TypeError, "state must be float32"),
+        (dict(capture="cudagraph"), ValueError, "capture must be one of"),
+        (dict(capture="graph"), ValueError, "capture='graph' needs the model on CUDA"),
+        (dict(generator=0), ValueError, "generator must be a torch.Generator on the model's device cpu, got 0"),
+    ]:
+        kwargs = {"max_new_tokens": 3, **kwargs}
+        with pytest.raises(err, match=match):
+            model.generate(ids, kwargs.pop("max_new_tokens"), **kwargs)
+    with pytest.raises(TypeError, match="input_ids"):
+        model.generate(ids.float(), 3)
+    with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
+        model(ids, attention_mask=torch.ones(2, 6, dtype=torch.bool))
+
+
+def test_warmup_runs_each_shape_and_counts_compilations():
+    model = tiny()
+    warmup(model, batch_sizes=(1, 2), prompt_lengths=(3, 17), temperature=0)
+    counts = gen.compile_counts()
+    assert set(counts) == {"dynamo_graphs", "triton_kernels"} and all(v >= 0 for v in counts.values())
+    assert set(gen._decoder(model).buffers) == {1, 2}
