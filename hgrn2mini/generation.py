@@ -58,17 +58,10 @@ class GenerationOutput(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Sampling:
-    """What a captured step specializes on; the temperature and top_p values are device tensors."""
-
+class _Sampling:  # what a captured step specializes on; temperature and top_p's value are device tensors
     greedy: bool
     top_k: int | None
     top_p: bool
-
-
-# ----------------------------------------------------------------------------------------------
-# Choosing a token, on the device
-# ----------------------------------------------------------------------------------------------
 
 
 def _allowed_logits(logits, temperature, top_k: int | None, top_p) -> torch.Tensor:
@@ -91,13 +84,8 @@ def _gumbel(uniform: torch.Tensor) -> torch.Tensor:
     return uniform.clamp_(1e-30, 1 - 2**-24).log_().neg_().log_().neg_()
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
     """Draws one token per row from logits [B, vocab] -> [B], without leaving the device.
     temperature 0 is greedy; top_k keeps the k largest, top_p the smallest head of the sorted
     distribution holding top_p of the mass."""
@@ -107,11 +95,6 @@ def sample(
     x = _allowed_logits(logits, temperature, top_k, top_p if top_p is not None and top_p < 1 else None)
     g = _gumbel(torch.rand(x.shape, generator=generator, device=x.device))
     return (x + g).argmax(-1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Static buffers and the decode step
-# ----------------------------------------------------------------------------------------------
 
 
 class _Buffers:
@@ -129,12 +112,16 @@ class _Buffers:
         self.pad = torch.zeros((), dtype=torch.long, **z)
         self.temperature = torch.ones((), **z)
         self.top_p = torch.ones((), **z)
-        rows = max(1, min(64, _NOISE_FLOATS // (B * c.vocab_size)))
-        self.noise = torch.zeros(rows, B, c.vocab_size, **z)  # Gumbel noise, refilled every `rows` tokens
-        self.slot = torch.zeros(1, dtype=torch.long, **z)
+        self.noise = None  # [rows, B, vocab] Gumbel noise refilled every `rows` tokens, made when first sampled
+        self.slot = torch.zeros(1, dtype=torch.long, **z)  # the noise row that the next choice reads
+
+    def make_noise(self) -> None:
+        if self.noise is None:
+            B, vocab = self.tok.shape[0], self.is_eos.shape[0]
+            self.noise = torch.zeros(max(1, min(64, _NOISE_FLOATS // (B * vocab))), B, vocab, device=self.tok.device)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        return [t for t in vars(self).values() if t is not None]
 
 
 def _choose(logits: torch.Tensor, b: _Buffers, spec: _Sampling) -> torch.Tensor:
@@ -172,11 +159,6 @@ def _decode_step(model: HGRN2ForCausalLM, b: _Buffers, spec: _Sampling, block=_b
     head(model, x, b, spec)
 
 
-# ----------------------------------------------------------------------------------------------
-# Capture, per model: buffers and steps per batch size
-# ----------------------------------------------------------------------------------------------
-
-
 def _graphed(fn, pool) -> Any:
     """fn captured as a CUDA graph (after three runs on a side stream, which also compile it)."""
     s = torch.cuda.Stream()
@@ -197,26 +179,23 @@ class _Decoder:
     parameters' memory. Copying or pickling the model starts an empty one."""
 
     def __init__(self):
-        self.key: tuple = ()
-        self.buffers: dict[int, _Buffers] = {}
-        self.steps: dict[tuple, Any] = {}
-        self.pool = None
+        self.key, self.buffers, self.steps, self.pool = (), {}, {}, None  # steps[B, _Sampling, capture]
 
     def __deepcopy__(self, memo):
         return _Decoder()
 
-    def __getstate__(self):
-        return {}
+    def __reduce__(self):
+        return _Decoder, ()
 
-    def __setstate__(self, _):
-        self.__init__()
-
-    def sync(self, model: HGRN2ForCausalLM) -> None:
+    @staticmethod
+    def of(model: HGRN2ForCausalLM) -> _Decoder:
+        d = model.__dict__.setdefault("_decoder", _Decoder())
         p = next(model.parameters())
         key = (p.device, p.dtype, tuple(q.data_ptr() for q in model.parameters()))
-        if key != self.key:
-            self.__init__()
-            self.key = key
+        if key != d.key:
+            d.__init__()
+            d.key = key
+        return d
 
     def step(self, model: HGRN2ForCausalLM, B: int, spec: _Sampling, capture: str):
         """The step for batch size B: captured (and compiled) at its first use, before the buffers
@@ -224,6 +203,8 @@ class _Decoder:
         if B not in self.buffers:
             self.buffers[B] = _Buffers(model, B, next(model.parameters()).device)
         b = self.buffers[B]
+        if not spec.greedy:
+            b.make_noise()
         if (B, spec, capture) in self.steps:
             return b, self.steps[B, spec, capture]
         eager = lambda: _decode_step(model, b, spec)  # noqa: E731
@@ -247,34 +228,18 @@ class _Decoder:
         return b, fn
 
 
-def _decoder(model: HGRN2ForCausalLM) -> _Decoder:
-    d = model.__dict__.get("_decoder")
-    if d is None:
-        d = model.__dict__["_decoder"] = _Decoder()
-    d.sync(model)
-    return d
-
-
-# ----------------------------------------------------------------------------------------------
-# generate
-# ----------------------------------------------------------------------------------------------
-
-
 class Generation:
     """One generation, run as it is iterated. Each step gives that step's tokens [B] (int64, on the
     model's device, a view into `result().tokens`); a finished row gives pad_token_id. The prompt
     is read at the first step. `result()` runs what is left and returns a GenerationOutput."""
 
-    def __init__(self, model, input_ids, max_new_tokens, mask, state, spec, temperature, top_p,
-                 generator, eos, pad, capture):
-        self._model, self._ids, self._n, self._mask, self._state0 = model, input_ids, max_new_tokens, mask, state
-        self._spec, self._temperature, self._top_p, self._generator = spec, temperature, top_p, generator
+    def __init__(self, model, ids, n, mask, state, spec, temperature, top_p, generator, eos, pad, capture):
+        self._model, self._ids, self._n, self._mask, self._state0, self._spec = model, ids, n, mask, state, spec
+        self._temperature, self._top_p, self._generator = temperature, top_p, generator
         self._eos, self._pad, self._capture = eos, pad, capture
-        self._i = 0  # tokens given so far
-        self._draws = 0  # rows of the noise table used (the device's slot, without asking it)
+        self._i = self._draws = 0  # tokens given so far; noise rows used (the device's slot, unasked)
         self._out: GenerationOutput | None = None
-        self._b = None
-        self._pending = None  # (pinned flag "some row is live", event) of the last check
+        self._b = self._pending = None  # buffers; (pinned flag "a row is live", event) of the last check
 
     def __iter__(self):
         return self
@@ -302,12 +267,10 @@ class Generation:
         n = int(out.lengths.max()) if out.lengths.numel() else 0
         return out._replace(tokens=out.tokens[:, :n])
 
-    # -- the steps ---------------------------------------------------------------------------
-
     def _start(self) -> None:
         model, ids = self._model, self._ids
         B = ids.shape[0]
-        b, self._step = _decoder(model).step(model, B, self._spec, self._capture)
+        b, self._step = _Decoder.of(model).step(model, B, self._spec, self._capture)
         self._b = b
         self.tokens_buffer = torch.full((B, self._n), self._pad, dtype=torch.long, device=ids.device)
         b.is_eos.zero_()
@@ -330,7 +293,7 @@ class Generation:
             b.lengths.fill_(1)
 
     def _refill(self) -> None:
-        if not self._spec.greedy:
+        if not self._spec.greedy:  # the device's slot is self._draws % rows: a new table at 0
             if self._draws % self._b.noise.shape[0] == 0:
                 _gumbel(self._b.noise.uniform_(generator=self._generator))
             self._draws += 1
@@ -355,9 +318,8 @@ class Generation:
         return done
 
     def _finish(self) -> None:
-        """After the last token: feed it (a row stopped by max_new_tokens still has its last token
-        to read, so that the state holds every token returned), then copy the outputs out of the
-        buffers, which the next call with this batch size reuses."""
+        """Feeds the last token (the state holds every token returned: a row stopped by max_new_tokens
+        has one to read), then copies the outputs out of the buffers, which later calls reuse."""
         if self._out is not None:
             return
         b = self._b
@@ -369,16 +331,16 @@ class Generation:
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
 
 
-def _token_ids(name: str, value: Any, vocab_size: int) -> list[int]:
-    ids = [value] if isinstance(value, int) else list(value) if isinstance(value, Iterable) else [value]
+def _token_ids(name: str, value: Any, vocab_size: int, single: bool = False) -> list[int]:
+    ids = [value] if single or not isinstance(value, Iterable) else list(value)
     for t in ids:
         if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
             raise ValueError(f"{name} must be token ids in [0, vocab_size={vocab_size}), got {value!r}")
@@ -386,19 +348,10 @@ def _token_ids(name: str, value: Any, vocab_size: int) -> list[int]:
 
 
 def generate(
-    model: HGRN2ForCausalLM,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    eos_token_id: int | Iterable[int] | None = None,
-    pad_token_id: int | None = None,
-    state: torch.Tensor | None = None,
-    capture: str = "auto",
+    model: HGRN2ForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None, *,
+    attention_mask: torch.Tensor | None = None, eos_token_id: int | Iterable[int] | None = None,
+    pad_token_id: int | None = None, state: torch.Tensor | None = None, capture: str = "auto",
 ) -> Generation:
     """Generates up to max_new_tokens tokens after each row of input_ids.
 
@@ -430,9 +383,8 @@ def generate(
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     _check_sampling(temperature, top_k, top_p)
-    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != device.type):
-        raise ValueError(f"generator must be a torch.Generator on the model's device {device}, got {generator!r}"
-                         + (f" on {generator.device}" if isinstance(generator, torch.Generator) else ""))
+    if generator is not None and getattr(generator, "device", None) not in (device, torch.device(device.type)):
+        raise ValueError(f"generator must be a torch.Generator on the model's device {device}, got {generator!r}")
     if attention_mask is not None:
         check_attention_mask(attention_mask, input_ids)
         m = attention_mask != 0
@@ -442,9 +394,7 @@ def generate(
     eos = _token_ids("eos_token_id", eos_token_id, c.vocab_size) if eos_token_id is not None else []
     if pad_token_id is None:
         pad_token_id = c.pad_token_id if c.pad_token_id is not None else (eos[0] if eos else 0)
-    pad = _token_ids("pad_token_id", pad_token_id, c.vocab_size)
-    if len(pad) != 1:
-        raise ValueError(f"pad_token_id must be one token id, got {pad_token_id!r}")
+    pad = _token_ids("pad_token_id", pad_token_id, c.vocab_size, single=True)
     if state is not None:
         if isinstance(state, torch.Tensor) and state.dim() == 5 and state.shape[1] != B:
             raise ValueError(f"state must have input_ids' batch size {B} in dim 1 ([L, B, H, K, V]), "
@@ -462,13 +412,8 @@ def generate(
                       generator, eos, pad[0], capture)
 
 
-def warmup(
-    model: HGRN2ForCausalLM,
-    batch_sizes: Iterable[int] = (1,),
-    prompt_lengths: Iterable[int] = (16, 64, 512, 2048),
-    padded: bool = True,
-    **kwargs: Any,
-) -> None:
+def warmup(model: HGRN2ForCausalLM, batch_sizes: Iterable[int] = (1,),
+           prompt_lengths: Iterable[int] = (16, 64, 512, 2048), padded: bool = True, **kwargs: Any) -> None:
     """Runs a 2-token generation at every batch size and prompt length, so that later calls at
     these shapes compile nothing: the decode step is captured (and compiled) once per batch size
     and sampling kind (greedy, top-k value, top-p or not: pass the temperature / top_k / top_p /

@@ -10,7 +10,7 @@ from naive import rel_err
 
 from hgrn2mini import HGRN2Config, HGRN2ForCausalLM
 from hgrn2mini import generation as gen
-from hgrn2mini.generation import CHECK_EVERY, generate, sample, warmup
+from hgrn2mini.generation import CHECK_EVERY, sample, warmup
 from hgrn2mini.model import MASKED_F_LOGIT
 from hgrn2mini.ops import gates
 
@@ -185,7 +185,7 @@ def test_decode_memory_does_not_grow_with_the_number_of_tokens():
     model = tiny()
     it = model.generate(torch.randint(0, 97, (2, 5)), 200, temperature=0.7, top_k=20)
     next(it)
-    buffers = gen._decoder(model).buffers[2]
+    buffers = gen._Decoder.of(model).buffers[2]
     ptrs = [t.data_ptr() for t in buffers.tensors()]
 
     def live_tensors():
@@ -202,7 +202,7 @@ def test_decode_memory_does_not_grow_with_the_number_of_tokens():
     # A later call with this batch size reuses the buffers; the returned state is a copy.
     out = it.result()
     again = model.generate(torch.randint(0, 97, (2, 3)), 4, temperature=0).result()
-    assert [t.data_ptr() for t in gen._decoder(model).buffers[2].tensors()] == ptrs
+    assert [t.data_ptr() for t in gen._Decoder.of(model).buffers[2].tensors()] == ptrs
     assert out.state.data_ptr() != again.state.data_ptr() != buffers.state.data_ptr()
 
 
@@ -287,6 +287,7 @@ def test_bad_arguments_get_errors_that_name_them():
         (dict(eos_token_id=97), ValueError, r"eos_token_id must be token ids in \[0, vocab_size=97\), got 97"),
         (dict(eos_token_id=[1, -1]), ValueError, "eos_token_id"),
         (dict(pad_token_id=500), ValueError, "pad_token_id"),
+        (dict(pad_token_id=[1, 2]), ValueError, r"pad_token_id must be token ids .* got \[1, 2\]"),
         (dict(attention_mask=torch.ones(2, 4)), TypeError, "attention_mask must be a bool or integer"),
         (dict(attention_mask=torch.ones(2, 4, dtype=torch.long)), ValueError,
          r"attention_mask must have input_ids' shape \[2, 5\], got \[2, 4\]"),
@@ -313,4 +314,4 @@ def test_warmup_runs_each_shape_and_counts_compilations():
     warmup(model, batch_sizes=(1, 2), prompt_lengths=(3, 17), temperature=0)
     counts = gen.compile_counts()
     assert set(counts) == {"dynamo_graphs", "triton_kernels"} and all(v >= 0 for v in counts.values())
-    assert set(gen._decoder(model).buffers) == {1, 2}
+    assert set(gen._Decoder.of(model).buffers) == {1, 2}
