@@ -102,23 +102,23 @@ class _Buffers:
 
     def __init__(self, model: HGRN2ForCausalLM, B: int, device: torch.device):
         c = model.config
-        z = dict(device=device)
-        self.state = torch.zeros(model.model.state_shape(B), dtype=torch.float32, **z)  # [L, B, H, K, V]
+        z, f32 = dict(device=device), dict(device=device, dtype=torch.float32)
+        self.state = torch.zeros(model.model.state_shape(B), **f32)  # [L, B, H, K, V]
         self.tok = torch.zeros(B, dtype=torch.long, **z)  # the last token chosen, fed next
         self.live = torch.zeros(B, dtype=torch.bool, **z)  # tok is the row's (not padding after its eos)
         self.lengths = torch.zeros(B, dtype=torch.long, **z)
-        self.lower_bounds = torch.zeros(c.num_hidden_layers, c.hidden_size, **z) if c.use_lower_bound else None
+        self.lower_bounds = torch.zeros(c.num_hidden_layers, c.hidden_size, **f32) if c.use_lower_bound else None
         self.is_eos = torch.zeros(c.vocab_size, dtype=torch.bool, **z)
         self.pad = torch.zeros((), dtype=torch.long, **z)
-        self.temperature = torch.ones((), **z)
-        self.top_p = torch.ones((), **z)
+        self.temperature = torch.ones((), **f32)
+        self.top_p = torch.ones((), **f32)
         self.noise = None  # [rows, B, vocab] Gumbel noise refilled every `rows` tokens, made when first sampled
         self.slot = torch.zeros(1, dtype=torch.long, **z)  # the noise row that the next choice reads
 
     def make_noise(self) -> None:
         if self.noise is None:
             B, vocab = self.tok.shape[0], self.is_eos.shape[0]
-            self.noise = torch.zeros(max(1, min(64, _NOISE_FLOATS // (B * vocab))), B, vocab, device=self.tok.device)
+            self.noise = self.state.new_zeros(max(1, min(64, _NOISE_FLOATS // (B * vocab))), B, vocab)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in vars(self).values() if t is not None]
