@@ -6,6 +6,8 @@ import gc
 
 import pytest
 import torch
+from hgrn2mini.kernels.chunk import _launch
+from hgrn2mini.kernels.gates import gates_triton
 from naive import rel_err
 
 from hgrn2mini import HGRN2Config, HGRN2ForCausalLM
@@ -15,6 +17,7 @@ from hgrn2mini.model import MASKED_F_LOGIT
 from hgrn2mini.ops import gates
 
 TOL_FP32 = 2e-5
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tiny(seed=0, **overrides):
@@ -89,12 +92,18 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone():
 
 
 def test_padding_leaves_the_state_exactly_unchanged():
-    # The gates at the masked logit: g = 0 and k = 1 - f = 0 exactly, bound or not, every dtype.
+    # The gates at the masked logit: g = 0 and k = 1 - f = 0 exactly, bound or not, every dtype,
+    # in PyTorch (the decode step, the CPU) and in the Triton kernel (the op on CUDA; on the CPU
+    # Triton's interpreter, fp32 only: it gets bf16 wrong).
+    lbs = (None, torch.tensor([0.0, 1e-6, 0.3, 0.5, 0.9, 0.99, 0.999, 1 - 2**-20]).repeat(2))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        f = torch.full((2, 8), MASKED_F_LOGIT, dtype=dtype)
-        for lb in (None, torch.tensor([0.0, 1e-6, 0.3, 0.5, 0.9, 0.99, 0.999, 1 - 2**-20])):
+        f = torch.full((2, 16), MASKED_F_LOGIT, dtype=dtype)
+        for lb in lbs:
             _, g = gates(f, f, lb)
             assert (g == 0).all() and (-torch.expm1(g) == 0).all(), (dtype, lb)
+            if dtype == torch.float32 or (DEVICE == "cuda" and dtype == torch.bfloat16):
+                _, g = gates_triton(f.to(DEVICE), f.to(DEVICE), lb.to(DEVICE) if lb is not None else None, _launch)
+                assert (g == 0).all(), ("triton", dtype, lb)
     # Through the model: a row of padding leaves a given state bit for bit as it was.
     model = tiny()
     state = torch.randn(model.model.state_shape(2))
@@ -103,14 +112,16 @@ def test_padding_leaves_the_state_exactly_unchanged():
     assert torch.equal(out.state, state) and torch.isfinite(out.logits).all()
 
 
-def test_attention_mask_is_exact_under_autograd():
-    """A left-padded row's loss (the padding's targets -100) and gradients equal the row's alone."""
-    model = tiny(seed=3).train()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_attention_mask_is_exact_under_autograd(device):
+    """A left-padded row's loss (the padding's targets -100) and gradients equal the row's alone;
+    on CUDA through the Triton kernels (fp32, K = 16), to test_kernels' fp32 tolerance."""
+    tol = TOL_FP32 if device == "cpu" else 1e-4
+    model = tiny(seed=3).train().to(device)
     p = prompts([9])[0]
-    padded, mask = left_pad([p, p[:4]], pad_id=11)  # [2, 9]: row 1 has 5 positions of padding
-    ids = torch.tensor([[11] * 5 + p])
-    mask = torch.tensor([[0] * 5 + [1] * 9])
-    labels = torch.tensor([[-100] * 6 + p[1:]])  # position t predicts labels[t + 1]; p[0] has no predictor alone
+    ids = torch.tensor([[11] * 5 + p], device=device)
+    mask = torch.tensor([[0] * 5 + [1] * 9], device=device)
+    labels = torch.tensor([[-100] * 6 + p[1:]], device=device)  # position t predicts labels[t + 1]
 
     def loss_and_grads(ids, labels, mask=None):
         model.zero_grad()
@@ -119,12 +130,11 @@ def test_attention_mask_is_exact_under_autograd():
         return loss, [q.grad.clone() for q in model.parameters()]
 
     loss_pad, grads_pad = loss_and_grads(ids, labels, mask)
-    loss_alone, grads_alone = loss_and_grads(torch.tensor([p]), torch.tensor([p]))
-    assert rel_err(loss_pad, loss_alone) < TOL_FP32
+    alone = torch.tensor([p], device=device)
+    loss_alone, grads_alone = loss_and_grads(alone, alone)
+    assert rel_err(loss_pad, loss_alone) < tol
     for a, b in zip(grads_pad, grads_alone):
-        assert torch.isfinite(a).all() and rel_err(a, b) < TOL_FP32
-    # The pad token's embedding row gets no gradient from any real position.
-    assert model.model.embeddings.weight.grad is not None
+        assert torch.isfinite(a).all() and rel_err(a, b) < tol
 
 
 # ----------------------------------------------------------------------------------------------
