@@ -444,7 +444,7 @@ def compile_counts() -> dict[str, int]:
     kernels = 0
     for name in ("hgrn2mini.kernels.chunk", "hgrn2mini.kernels.gates"):
         for fn in vars(sys.modules.get(name, object())).values():
-            fn = getattr(fn, "fn", fn)  # an autotuner wraps its JIT function
-            with contextlib.suppress(Exception):
-                kernels += sum(len(c[0]) for c in fn.device_caches.values())
+            jit = fn if hasattr(fn, "device_caches") else getattr(fn, "fn", None)  # an autotuner wraps one
+            with contextlib.suppress(AttributeError, TypeError, IndexError):
+                kernels += sum(len(c[0]) for c in jit.device_caches.values())
     return {"dynamo_graphs": int(counters["stats"]["unique_graphs"]), "triton_kernels": kernels}
