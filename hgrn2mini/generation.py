@@ -35,7 +35,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -180,6 +181,7 @@ class _Decoder:
 
     def __init__(self):
         self.key, self.buffers, self.steps, self.pool = (), {}, {}, None  # steps[B, _Sampling, capture]
+        self.owner = {}  # B -> weakref of the Generation using buffers[B]
 
     def __deepcopy__(self, memo):
         return _Decoder()
@@ -228,7 +230,7 @@ class _Decoder:
         return b, fn
 
 
-class Generation:
+class Generation(Iterator):
     """One generation, run as it is iterated. Each step gives that step's tokens [B] (int64, on the
     model's device, a view into `result().tokens`); a finished row gives pad_token_id. The prompt
     is read at the first step. `result()` runs what is left and returns a GenerationOutput."""
@@ -241,13 +243,13 @@ class Generation:
         self._out: GenerationOutput | None = None
         self._b = self._pending = None  # buffers; (pinned flag "a row is live", event) of the last check
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> torch.Tensor:
         with torch.no_grad():
             if self._b is None:
                 self._start()
+            if self._out is None and self._decoder.owner[self._ids.shape[0]]() is not self:
+                raise RuntimeError("another generation at this batch size started on this model and took its "
+                                   "decode buffers: this one cannot continue (finish one before starting another)")
             if self._out is not None or self._i >= self._n or self._all_finished():
                 self._finish()
                 raise StopIteration
@@ -263,15 +265,15 @@ class Generation:
             pass
         with torch.no_grad():
             self._finish()
-        out = self._out
-        n = int(out.lengths.max()) if out.lengths.numel() else 0
-        return out._replace(tokens=out.tokens[:, :n])
+        n = int(self._out.lengths.max()) if self._out.lengths.numel() else 0
+        return self._out._replace(tokens=self._out.tokens[:, :n])
 
     def _start(self) -> None:
         model, ids = self._model, self._ids
         B = ids.shape[0]
-        b, self._step = _Decoder.of(model).step(model, B, self._spec, self._capture)
-        self._b = b
+        self._decoder = _Decoder.of(model)
+        b, self._step = self._decoder.step(model, B, self._spec, self._capture)
+        self._b, self._decoder.owner[B] = b, weakref.ref(self)
         self.tokens_buffer = torch.full((B, self._n), self._pad, dtype=torch.long, device=ids.device)
         b.is_eos.zero_()
         if self._eos:
@@ -376,10 +378,9 @@ def generate(
     if not isinstance(model, HGRN2ForCausalLM):
         raise TypeError(f"model must be an HGRN2ForCausalLM, got {type(model).__name__}")
     model._check_input_ids(input_ids)
-    c, device = model.config, next(model.parameters()).device
+    c, device, B = model.config, next(model.parameters()).device, input_ids.shape[0]
     if input_ids.device != device:
         raise ValueError(f"input_ids must be on the model's device {device}, got {input_ids.device}")
-    B = input_ids.shape[0]
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     _check_sampling(temperature, top_k, top_p)
@@ -406,8 +407,7 @@ def generate(
         capture = "compile+graph" if device.type == "cuda" else "none"
     if capture in ("graph", "compile+graph") and device.type != "cuda":
         raise ValueError(f"capture={capture!r} needs the model on CUDA, got {device}; use 'none' or 'auto'")
-    greedy = temperature == 0
-    spec = _Sampling(greedy, None if greedy else top_k, not greedy and top_p is not None and top_p < 1)
+    spec = _Sampling(True, None, False) if temperature == 0 else _Sampling(False, top_k, (top_p or 1) < 1)
     return Generation(model, input_ids, max_new_tokens, attention_mask, state, spec, temperature, top_p,
                       generator, eos, pad[0], capture)
 

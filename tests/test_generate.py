@@ -216,6 +216,18 @@ def test_decode_memory_does_not_grow_with_the_number_of_tokens():
     assert out.state.data_ptr() != again.state.data_ptr() != buffers.state.data_ptr()
 
 
+def test_a_generation_whose_buffers_another_took_says_so():
+    model = tiny()
+    ids = torch.randint(0, 97, (2, 4))
+    first = model.generate(ids, 5, temperature=0)
+    next(first)
+    done = model.generate(ids, 3, temperature=0).result()  # takes batch size 2's buffers
+    with pytest.raises(RuntimeError, match="another generation at this batch size started"):
+        next(first)
+    assert model.generate(ids[:1], 3, temperature=0).result().tokens.shape == (1, 3)  # its own buffers
+    assert done.tokens.shape == (2, 3)
+
+
 def test_streamed_tokens_are_the_result_and_grad_mode_is_left_alone():
     model = tiny()
     ids = torch.randint(0, 97, (3, 4))
