@@ -28,7 +28,6 @@ the op.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -195,6 +194,11 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+# The forget logit that padding gets: sigmoid(1e4) = 1 and log sigmoid(1e4) = 0 exactly in fp32
+# (exp(-1e4) underflows to 0), and 1e4 is finite in bf16 and fp16.
+MASKED_F_LOGIT = 1e4
+
+
 def hgrn2_recurrent_step(
     q: torch.Tensor, g: torch.Tensor, v: torch.Tensor, state: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,20 +239,27 @@ class HGRN2Attention(nn.Module):
         self.o_proj = nn.Linear(D, D, bias=False)
 
     def forward(
-        self, x: torch.Tensor, lower_bound: torch.Tensor | None, state: torch.Tensor | None
+        self, x: torch.Tensor, lower_bound: torch.Tensor | None, state: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, T, D]; lower_bound: [D] fp32 or None; state: [B, H, K, V] fp32 or None."""
+        """x: [B, T, D]; lower_bound: [D] fp32 or None; state: [B, H, K, V] fp32 or None;
+        attention_mask: [B, T] bool or 0/1, or None: a 0 position leaves the state unchanged."""
         B, T, D = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         v = self.i_proj(x).view(B, T, H, V)
         lb = lower_bound if self.bounded else None  # lb[0] = 0 exactly; log(0) would give NaN grads
         scale = K**-0.5
+        f_logits = self.f_proj(x)
+        if attention_mask is not None:
+            # Masked position: f = 1 (g = log f = 0 and k = 1 - f = 0 exactly, lower bound or not),
+            # so h_t = h_{t-1}. Finite, unlike +inf: gates and their gradient stay free of inf * 0.
+            f_logits = f_logits.masked_fill(attention_mask[..., None] == 0, MASKED_F_LOGIT)
         if T > 1:
             # The gates (`hgrn2mini.ops.gates`) computed inside the op: its backward keeps the two
             # projections' outputs and recomputes q and g (fp32) instead of keeping them.
-            o, state = gated_chunk_hgrn2(self.q_proj(x), self.f_proj(x), lb, v, state, scale)  # [B, T, H, V]
+            o, state = gated_chunk_hgrn2(self.q_proj(x), f_logits, lb, v, state, scale)  # [B, T, H, V]
         else:
-            q, g = gates(self.q_proj(x), self.f_proj(x), lb)
+            q, g = gates(self.q_proj(x), f_logits, lb)
             o, state = hgrn2_recurrent_step(q.view(B, H, K), g.view(B, H, K), v[:, 0], state, scale)
             o = o[:, None]  # [B, 1, H, V]
         o = self.g_norm(o.reshape(B, T, D))
@@ -285,9 +296,10 @@ class HGRN2Block(nn.Module):
         self.mlp = HGRN2MLP(config)
 
     def forward(
-        self, x: torch.Tensor, lower_bound: torch.Tensor | None, state: torch.Tensor | None
+        self, x: torch.Tensor, lower_bound: torch.Tensor | None, state: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        y, state = self.attn(self.attn_norm(x), lower_bound, state)
+        y, state = self.attn(self.attn_norm(x), lower_bound, state, attention_mask)
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
         return x, state
@@ -311,9 +323,10 @@ class HGRN2Model(nn.Module):
         return (c.num_hidden_layers, batch_size, c.num_heads, c.head_k_dim, c.head_v_dim)
 
     def forward(
-        self, input_ids: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False
+        self, input_ids: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """input_ids: [B, T] int; state: [L, B, H, K, V] fp32 or None."""
+        """input_ids: [B, T] int; state: [L, B, H, K, V] fp32 or None; attention_mask: [B, T] or None."""
         x = self.embeddings(input_ids)  # [B, T, D]
         lower_bounds = None
         if self.config.use_lower_bound:
@@ -323,7 +336,7 @@ class HGRN2Model(nn.Module):
         new_states = []
         for i, layer in enumerate(self.layers):
             lb = lower_bounds[i] if lower_bounds is not None else None
-            x, s = layer(x, lb, state[i] if state is not None else None)
+            x, s = layer(x, lb, state[i] if state is not None else None, attention_mask)
             new_states.append(s)
         x = self.norm(x)
         if state is None and not return_state:
@@ -462,6 +475,7 @@ class HGRN2ForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         state: torch.Tensor | None = None,
         return_state: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """
         Args:
@@ -470,6 +484,10 @@ class HGRN2ForCausalLM(nn.Module):
                 -100 is ignored.
             state: [L, B, H, K, V] fp32 recurrent state to continue from, or None (zeros).
             return_state: return the new state even when none was given.
+            attention_mask: [B, T] bool or 0/1 integers, or None (all 1). A 0 position leaves every
+                layer's state unchanged (its forget gate is 1), exactly, gradients included: a
+                left-padded row computes what the row alone computes. The logits at 0 positions
+                mean nothing; give them labels -100.
         Returns:
             CausalLMOutput(loss fp32 scalar or None, logits [B, T, vocab] (None when labels are
             given and config.fuse_linear_cross_entropy: the loss is then computed without them),
@@ -486,7 +504,9 @@ class HGRN2ForCausalLM(nn.Module):
         if state is not None:
             want = self.model.state_shape(input_ids.shape[0])
             check_state("state", state, "[L, B, H, K, V]", want, input_ids.device, "input_ids' device ")
-        x, new_state = self.model(input_ids, state, return_state)
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, input_ids)
+        x, new_state = self.model(input_ids, state, return_state, attention_mask)
         logits, loss = self._head(x, labels)
         return CausalLMOutput(loss, logits, new_state)
 
@@ -514,41 +534,13 @@ class HGRN2ForCausalLM(nn.Module):
 
     # -- generation ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yields max_new_tokens new tokens, one [B] tensor (on input_ids' device) per step.
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *args: Any, **kwargs: Any):
+        """Generates up to max_new_tokens tokens after input_ids: `hgrn2mini.generation.generate`
+        (the arguments and the returned `Generation` are documented there). Iterating the result
+        streams one [B] tensor of tokens per step; `.result()` gives tokens, lengths and state."""
+        from hgrn2mini import generation  # generation imports this module
 
-        The prompt is read with the chunk op; every new token is then one exact recurrent step,
-        so memory stays constant: the only cache is the state [L, B, H, K, V]. temperature=0 is
-        greedy. Sampling stays on the device (no host sync). Stop early by leaving the loop.
-        """
-        self._check_input_ids(input_ids)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-        if max_new_tokens == 0:
-            return
-        x, state = self.model(input_ids, return_state=True)
-        logits = self.lm_head(x[:, -1])  # [B, vocab]: only the last position is needed
-        for step in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p, generator)  # [B]
-            yield token
-            if step + 1 < max_new_tokens:
-                x, state = self.model(token[:, None], state)  # T = 1: the recurrent step
-                logits = self.lm_head(x[:, -1])
+        return generation.generate(self, input_ids, max_new_tokens, *args, **kwargs)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -573,31 +565,18 @@ class HGRN2ForCausalLM(nn.Module):
         return model
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Draws one token per row from logits [B, vocab] -> [B], without leaving the device."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens before it already hold top_p of the mass; the first always stays.
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race), with no multinomial sync.
-    e = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / e).argmax(-1)
+def check_attention_mask(attention_mask: Any, input_ids: torch.Tensor) -> None:
+    """attention_mask: a bool or integer tensor of input_ids' shape and device, of 0s and 1s."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype.is_floating_point:
+        raise TypeError(f"attention_mask must be a bool or integer tensor [B, T], got {_describe(attention_mask)}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have input_ids' shape {list(input_ids.shape)}, got {list(attention_mask.shape)}"
+        )
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask must be on input_ids' device {input_ids.device}, got {attention_mask.device}")
+    if not _is_tracing() and ((attention_mask != 0) & (attention_mask != 1)).any():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token), got other values")
 
 
 def _is_int_tensor(x: Any) -> bool:

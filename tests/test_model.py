@@ -1,6 +1,6 @@
 """The model against an independent float64 model written here from the equations of
-shared/HGRN2.md (one step at a time, never calling the op), plus compile, export, state passing,
-generation and input errors."""
+shared/HGRN2.md (one step at a time, never calling the op), plus compile, export, state passing
+and input errors (generation: test_generate.py)."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from naive import rel_err
 
 import hgrn2mini.model as model_module
 from hgrn2mini import CausalLMOutput, HGRN2Config, HGRN2ForCausalLM, chunk_hgrn2
-from hgrn2mini.model import hgrn2_recurrent_step, sample
+from hgrn2mini.model import hgrn2_recurrent_step
 
 # fp32 against float64: a few ulps of fp32 amplified by L layers and T steps. NaN gives inf.
 TOL_FP32 = 2e-5
@@ -298,64 +298,6 @@ def test_recurrent_step_equals_op(dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation
-# ----------------------------------------------------------------------------------------------
-
-
-def test_greedy_generate_equals_argmax_of_full_forward():
-    cfg = small_config()
-    model = randomized(cfg, seed=6)
-    prompt = torch.randint(0, cfg.vocab_size, (2, 9))
-    tokens = list(model.generate(prompt, max_new_tokens=6, temperature=0))
-    assert len(tokens) == 6
-    seq = prompt
-    for tok in tokens:
-        assert tok.shape == (2,) and tok.dtype == torch.long
-        want = model(seq).logits[:, -1].argmax(-1)
-        assert torch.equal(tok, want)
-        seq = torch.cat([seq, tok[:, None]], 1)
-
-
-def test_generate_sampling():
-    cfg = small_config(num_hidden_layers=1)
-    model = randomized(cfg, seed=7)
-    prompt = torch.randint(0, cfg.vocab_size, (3, 4))
-
-    def run(**kw):
-        return torch.stack(list(model.generate(prompt, 8, **kw)), 1)
-
-    a = run(generator=torch.Generator().manual_seed(0))
-    b = run(generator=torch.Generator().manual_seed(0))
-    assert a.shape == (3, 8) and torch.equal(a, b)
-    assert ((a >= 0) & (a < cfg.vocab_size)).all()
-    greedy = run(temperature=0)
-    assert torch.equal(run(top_k=1), greedy)
-    assert torch.equal(run(top_p=1e-6), greedy)
-    assert list(model.generate(prompt, 0)) == []
-
-
-def test_generate_leaves_grad_mode_alone_between_steps():
-    cfg = small_config(num_hidden_layers=1)
-    model = randomized(cfg)
-    for _ in model.generate(torch.zeros(1, 3, dtype=torch.long), 3):
-        assert torch.is_grad_enabled()
-
-
-def test_sample_top_k_and_top_p_keep_only_allowed_tokens():
-    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).repeat(2000, 1)
-    gen = torch.Generator().manual_seed(0)
-    got = sample(logits, top_k=2, generator=gen)
-    assert set(got.tolist()) == {1, 2}
-    # softmax mass: token 1 ~0.64, token 2 ~0.24; top_p 0.8 keeps exactly those two.
-    got = sample(logits, top_p=0.8, generator=gen)
-    assert set(got.tolist()) == {1, 2}
-    # Unrestricted sampling follows the softmax: token 1's frequency near its probability.
-    got = sample(logits, generator=gen)
-    p1 = torch.softmax(logits[0], -1)[1].item()
-    assert abs((got == 1).double().mean().item() - p1) < 0.04
-
-
-# ----------------------------------------------------------------------------------------------
 # torch.compile and torch.export
 # ----------------------------------------------------------------------------------------------
 
@@ -607,20 +549,6 @@ def test_state_errors(tiny_model):
         m(ids, state=good.bfloat16())
     with pytest.raises(ValueError, match="state must be on input_ids' device cpu, got meta"):
         m(ids, state=good.to("meta"))
-
-
-def test_generate_errors(tiny_model):
-    ids = torch.randint(0, 97, (2, 5))
-    for kwargs, match in [
-        (dict(max_new_tokens=-1), "max_new_tokens"),
-        (dict(max_new_tokens=3, temperature=-1.0), "temperature"),
-        (dict(max_new_tokens=3, top_k=0), "top_k"),
-        (dict(max_new_tokens=3, top_p=1.5), "top_p"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            next(tiny_model.generate(ids, **kwargs))
-    with pytest.raises(TypeError, match="input_ids"):
-        next(tiny_model.generate(ids.float(), 3))
 
 
 def test_math_of_lower_bound_at_init():
