@@ -128,7 +128,9 @@ def set_config(chunk, base, base_fast, update):
     asked for is what runs. For sweeps and A/B runs over launch configurations."""
     chunk.CONFIG.clear()
     chunk.CONFIG.update(base, **update)
-    chunk.FAST = {key: {**over, **{k: x for k, x in update.items() if k in over}} for key, over in base_fast.items()}
+    chunk.FAST.clear()  # in place: the kernels read this dict (kernels/settings.py)
+    chunk.FAST.update({key: {**over, **{k: x for k, x in update.items() if k in over}}
+                       for key, over in base_fast.items()})
 
 
 def inputs(B, T, H, K, gates="logsigmoid"):

@@ -10,7 +10,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from hgrn2mini.kernels import chunk as C
+from hgrn2mini.kernels import dqg, out, reference, settings, state
 from triton.testing import do_bench
 
 B, T, H, K = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 2048, 8, 128)
@@ -20,10 +20,11 @@ q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
 v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
 do = torch.randn_like(v)
 g = F.logsigmoid(torch.randn(B, T, H, K, device=dev))
-gcum = C._unchunked(C._chunked(g, C._BT).cumsum(-2), T).contiguous()  # b in each chunk, as the dv kernel stores it
+# b in each chunk, as the dv kernel stores it
+gcum = reference._unchunked(reference._chunked(g, settings._BT).cumsum(-2), T).contiguous()
 s = K**-0.5
 NT = (T + 63) // 64
-DT, PREC, PREC32 = C._dot_config(q.dtype)
+DT, PREC, PREC32 = settings._dot_config(q.dtype)
 states = torch.randn(B * H, NT, K, V, device=dev, dtype=q.dtype)
 dstates = torch.randn_like(states)
 hT = torch.empty(B, H, K, V, device=dev)
@@ -52,19 +53,19 @@ def report(name, kernel, grid, args, cfg, **meta):
 common = dict(K=K, V=V, BT=64, DT=DT, PREC=PREC)
 LAB = os.environ.get("LAB", "state,out,dqg").split(",")
 for BS, warps, stages, rev in itertools.product([32, 64], [4, 8], [1, 3], [False, True]) if "state" in LAB else []:
-    report("state", C._state_kernel, (K // BS, V // BS, B * H),
+    report("state", state._state_kernel, (K // BS, V // BS, B * H),
            (q, g, do if rev else v, hT, states, hT, hT, hT, T, H, s, 1), dict(BS=BS, REVERSE=rev),
-           HAS_H0=False, SEGMENTED=False, STORE_STATES=True, PAIR=False, num_warps=warps, num_stages=stages,
+           HAS_H0=False, SEGMENTED=False, PAIR=False, num_warps=warps, num_stages=stages,
            **common)
 
 for BK, BVO, warps, dv_ in itertools.product([32, 64, 128], [64, 128], [4, 8], [False, True]) if "out" in LAB else []:
     # The whole-chunk variant: the GENERAL one only redoes flagged programs (none with these gates).
-    report("out", C._out_kernel, (V // BVO, NT, B * H), (q, g, gcum, v, states, o, T, H, s, flags, hT, hT, 1),
-           dict(BK=BK, BVO=BVO, DV=dv_), BC=16, FAST_RANGE=C._FAST_RANGE, GENERAL=False, FLAGGED=False, REDO=1,
+    report("out", out._out_kernel, (V // BVO, NT, B * H), (q, g, gcum, v, states, o, T, H, s, flags, hT, hT, 1),
+           dict(BK=BK, BVO=BVO, DV=dv_), BC=16, FAST_RANGE=settings._FAST_RANGE, GENERAL=False, FLAGGED=False, REDO=1,
            JOIN=False, JR=32, STORE_GCUM=False, num_warps=warps, **common)
 
 for BK, warps in itertools.product([16, 32, 64], [4, 8]) if "dqg" in LAB else []:
-    report("dqg", C._dqg_kernel, (K // BK, NT, B * H),
+    report("dqg", dqg._dqg_kernel, (K // BK, NT, B * H),
            (q, g, gcum, v, do, states, dstates, dq, dg, T, H, s, flags, q, q, q, hT), dict(BK=BK, BV=BK), BC=16,
-           PREC32=PREC32, FAST_RANGE=C._FAST_RANGE, GENERAL=False, FLAGGED=False, REDO=1, GATES=False, HAS_LB=False,
-           LOAD_GCUM=True, num_warps=warps, **common)
+           PREC32=PREC32, FAST_RANGE=settings._FAST_RANGE, GENERAL=False, FLAGGED=False, REDO=1, GATES=False,
+           HAS_LB=False, num_warps=warps, **common)

@@ -12,7 +12,6 @@ The PyTorch reference (`chunk_hgrn2_fwd_ref`, `chunk_hgrn2_bwd_ref`), the op's p
 from __future__ import annotations
 
 import torch
-
 from hgrn2mini.kernels.dqg import _run_dqg
 from hgrn2mini.kernels.launch import launcher
 from hgrn2mini.kernels.out import _run_out

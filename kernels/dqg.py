@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from hgrn2mini.kernels.gates import _log1p, _sigmoid_terms
 from hgrn2mini.kernels.launch import _launch_chunks, _redone, _redone_at
 from hgrn2mini.kernels.settings import _BC, _BT, _FAST_RANGE, _cfg, _dot_config
@@ -127,8 +126,9 @@ def _dqg_kernel(
 
 
 def _run_dqg(q, g, gcum, v, do, states, dstates, scale, logits=None):
-    """dq and dg (fp32) through _dqg_kernel; gcum: b = cumsum(g) as the dv kernel stored it. logits: (q_logits, f_logits, lower_bound or None), or None; given,
-    returns d q_logits, d f_logits (q's dtype) and d lower_bound (or None) instead."""
+    """dq and dg (fp32) through _dqg_kernel; gcum: b = cumsum(g) as the dv kernel stored it.
+    logits: (q_logits, f_logits, lower_bound or None), or None; given, returns d q_logits,
+    d f_logits (q's dtype) and d lower_bound (or None) instead."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     DT, PREC, PREC32 = _dot_config(q.dtype)

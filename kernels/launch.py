@@ -8,10 +8,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
-
 from hgrn2mini.kernels.gates import _INTERPRETING
 from hgrn2mini.kernels.settings import CONFIG
+from torch.library import wrap_triton
 
 
 def launcher(kernel):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from hgrn2mini.kernels.launch import _launch_chunks, _redone, _redone_at
 from hgrn2mini.kernels.settings import _BC, _BT, _FAST_RANGE, CONFIG, _cfg, _dot_config
 from hgrn2mini.kernels.state import _join

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from hgrn2mini.kernels import launch
 from hgrn2mini.kernels.settings import _BT, CONFIG, _dot_config
 from hgrn2mini.kernels.tiles import _exp, _expm1, _head, _load_tile

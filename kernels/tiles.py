@@ -14,7 +14,6 @@ path alone or, GENERAL, every path.
 
 import triton
 import triton.language as tl
-
 from hgrn2mini.kernels.gates import _INTERPRET
 
 

@@ -15,7 +15,8 @@ from unittest import mock
 import pytest
 import torch
 from hgrn2mini.kernels import chunk as C
-from hgrn2mini.kernels import launch, settings as S, state
+from hgrn2mini.kernels import launch, state
+from hgrn2mini.kernels import settings as S
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from naive import gated_errors, gated_reference, naive_recurrence, rel_err
@@ -150,8 +151,9 @@ def test_kernel_variants_compile_with_inductors_argument_types():
 
 def test_compile_sees_only_the_outputs_written():
     """torch.compile trusts its own analysis of which arguments a user kernel writes (Triton IR):
-    a kernel reported as writing an input runs right eagerly and wrong compiled (kernels/gates.py). Every kernel the gated op launches, every variant, must
-    be reported as writing its outputs only. Offline (sm_90 stand-in), in a process of its own."""
+    a kernel reported as writing an input runs right eagerly and wrong compiled (kernels/gates.py).
+    Every kernel the gated op launches, every variant, must be reported as writing its outputs only.
+    Offline (sm_90 stand-in), in a process of its own."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "offline_regs.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script), "--writes"], env=env, capture_output=True, text=True,
