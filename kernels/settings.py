@@ -39,20 +39,22 @@ def _dot_config(dtype: torch.dtype):
 # where the override was checked. Larger key blocks at V = 16 give wrong bf16 outputs (K = 256,
 # out_bk 128) and an illegal address (dqg_bk 64) with Triton 3.6: keep overrides to their shapes.
 CONFIG = {
-    # State walk (state.py): [state_bs, state_bs] fp32 state tiles, the largest that do not spill.
+    # State walk (state.py): square [state_bs, state_bs] fp32 state tiles; [128, 128] tiles are slower
+    # (half the programs, and the join of more segments).
     "state_bs": 64,
-    # Two tiles a program side by side over V, so g (and q, walking back) is read and scanned once
-    # for both; "auto": where segments still bring the paired programs to min_programs.
+    # Two tiles a program side by side over V, so that g (and q, walking back) is read and scanned
+    # once for both; "auto": only where segments still bring the paired programs to min_programs.
     "state_pair": "auto",
-    "state_warps": 4, "state_stages": 3,  # 4 warps hold the paired tiles without spilling
-    "min_programs": 256,  # about one wave of walking programs on an H100/H200: fewer leave SMs idle
+    "state_warps": 4, "state_stages": 3,  # 4 warps: the paired tiles without spills, faster than 8
+    "min_programs": 256,  # about one wave of walking programs (two an SM): fewer leave SMs idle
     # Segments walked in parallel where B*H alone leaves SMs idle (long T, few heads): up to
-    # max_segments, each of at least min_segment_chunks chunks (the join costs a pass otherwise).
+    # max_segments, each of at least min_segment_chunks chunks (each segment adds to the join).
     "max_segments": 16, "min_segment_chunks": 4,
-    # Out / dv kernel (out.py): key blocks of out_bk, value blocks of out_bv; one stage, since each
-    # program loads its tiles once.
+    # Out / dv kernel (out.py): the setting checked at every K, V; one stage: pipelining its one or
+    # two key blocks gains nothing.
     "out_bk": 64, "out_bv": 128, "out_warps": 8, "out_stages": 1,
-    # dq/dg kernel (dqg.py): 32 key channels a program keep the [BT, BT] dA and its tiles in registers.
+    # dq/dg kernel (dqg.py): the setting checked at every K, V; 16-key blocks repeat dA = do v^T
+    # too often, 128-key ones spill; one stage: pipelining its short value loop gains nothing here.
     "dqg_bk": 32, "dqg_warps": 4, "dqg_stages": 1,
     # Keep the forward's chunk-start states for the backward (hgrn2mini/ops.py): one sequential
     # walk less per backward, for memory of twice q's size (K = V).
@@ -67,8 +69,8 @@ CONFIG = {
 # the dq/dg kernel: "gated" (gradients carried on through the gates) or "gated_lb" (with a lower
 # bound); a variant's entry is looked up first, then the plain one, then CONFIG (`_cfg`).
 FAST = {
-    # K = V = 128: one 128-key out program a chunk at 4 warps; dq/dg 64 keys, 4 warps, 2 stages,
-    # which loading b from gcum (LOAD_GCUM) leaves registers for.
+    # K = V = 128: one 128-key out program a chunk at 4 warps; dq/dg in 64-key programs at 4 warps,
+    # 2 stages, for which loading b rather than scanning g leaves the registers.
     (128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 4, "dqg_stages": 2},
     # K = V = 64: the out kernel at 2 warps (more programs per SM); dq/dg in two 32-key programs.
     (64, 64, torch.bfloat16): {"out_warps": 2, "dqg_bk": 32, "dqg_warps": 4},

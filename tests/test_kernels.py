@@ -236,6 +236,22 @@ def test_launch_config_takes_symbolic_shapes():
     assert torch.equal(gm(q, v), f(q, v))
 
 
+def test_launch_config_per_variant(monkeypatch):
+    """`_cfg` looks up a dq/dg variant's override first ("gated_lb", "gated"), then the shape's
+    plain one, then CONFIG; other shapes and dtypes keep CONFIG."""
+    monkeypatch.setattr(S, "FAST", {(64, 64, torch.bfloat16): {"dqg_warps": 2, "out_warps": 2},
+                                    (64, 64, torch.bfloat16, "gated"): {"dqg_warps": 8},
+                                    (64, 64, torch.bfloat16, "gated_lb"): {"dqg_stages": 3}})
+    q = v = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    assert S._cfg(q, v, "dqg_warps") == 2
+    assert S._cfg(q, v, "dqg_warps", gated=True) == 8
+    assert S._cfg(q, v, "dqg_warps", gated=True, has_lb=True) == 2  # no "gated_lb" entry for it: the plain one
+    assert S._cfg(q, v, "dqg_stages", gated=True, has_lb=True) == 3
+    assert S._cfg(q, v, "dqg_stages", gated=True) == S.CONFIG["dqg_stages"]
+    assert S._cfg(q, v, "out_warps", gated=True) == 2
+    assert S._cfg(q.float(), v.float(), "dqg_warps", gated=True) == S.CONFIG["dqg_warps"]
+
+
 @given(programs=st.integers(1, 4096), NT=st.integers(1, 4096), wave=st.sampled_from([64, 256, 264, 1000]))
 @example(programs=192, NT=32, wave=256)  # B*H = 96 at K = V = 128: one wave of 32 steps, no join
 @example(programs=128, NT=32, wave=256)  # B*H = 64: two segments, one wave of 16 steps
