@@ -73,8 +73,8 @@ def gates_bwd(q_logits, f_logits, lower_bound, g, dq, dg):
     return dq_logits, df_logits.to(f_logits.dtype), dlb
 
 
-
 _INTERPRET = tl.constexpr(_INTERPRETING)
+
 
 @triton.jit
 def _log1p(x):
@@ -87,11 +87,13 @@ def _log1p(x):
     else:
         return libdevice.log1p(x)
 
+
 @triton.jit
 def _sigmoid_terms(f):
     """log sigmoid(f) and sigmoid(-f) of an fp32 tile, from one exp(-|f|) (never overflows)."""
     e = tl.exp(-tl.abs(f))
     return tl.minimum(f, 0.0) - _log1p(e), tl.where(f >= 0.0, e, 1.0) / (1.0 + e)
+
 
 @triton.jit
 def _log_gate(f, lb, cols, HAS_LB: tl.constexpr):
@@ -106,6 +108,7 @@ def _log_gate(f, lb, cols, HAS_LB: tl.constexpr):
         r = (1.0 - bound)[None, :] * rest  # 1 - f = (1 - lb) sigmoid(-f_logits)
         g = tl.where(r < 0.5, _log1p(-tl.minimum(r, 0.5)), hi + _log1p(tl.exp(tl.minimum(a, b) - hi)))
     return g
+
 
 @triton.jit
 def _gates_kernel(q_logits, f_logits, lb, q, g, N, D, HAS_LB: tl.constexpr, BR: tl.constexpr,
