@@ -136,12 +136,19 @@ def test_triton_kernels_key_blocks_and_paths(K, V, T, gate, mode):
     assert all(e <= TOL for e in errs.values()), errs
 
 
+def _offline_regs() -> Path:
+    """The offline compile script (run, never imported): in tools/, or benchmarks/ where it was."""
+    root = Path(__file__).resolve().parents[1]
+    return next((p for p in (root / "tools" / "offline_regs.py", root / "benchmarks" / "offline_regs.py")
+                 if p.exists()), root / "tools" / "offline_regs.py")
+
+
 def test_kernel_variants_compile_with_inductors_argument_types():
     """Every kernel variant compiles for sm_90 with `scale` as Inductor passes it (fp64 scalar or
     constexpr), not only as an eager launch passes it (fp32): a branch that redefined `scale`
     compiles eagerly and fails every torch.compile'd use on the GPU. Compiled
     offline (Triton ships ptxas), in a process of its own (this one runs the interpreter)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "offline_regs.py"
+    script = _offline_regs()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script), "--check", "32", "32"], env=env, capture_output=True,
                          text=True, timeout=600)
@@ -154,7 +161,7 @@ def test_compile_sees_only_the_outputs_written():
     a kernel reported as writing an input runs right eagerly and wrong compiled (kernels/gates.py).
     Every kernel the gated op launches, every variant, must be reported as writing its outputs only.
     Offline (sm_90 stand-in), in a process of its own."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "offline_regs.py"
+    script = _offline_regs()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script), "--writes"], env=env, capture_output=True, text=True,
                          timeout=600)
