@@ -8,16 +8,14 @@ body itself picks the implementation: the Triton kernels for supported CUDA shap
 PyTorch path (`hgrn2mini.kernels.chunk.*_ref`) otherwise.
 
 Why the gated op: autograd through the gates keeps q (bf16) and g (fp32) for the recurrence's
-backward, 3x a projection's bytes per layer. Recomputing them (torch.utils.checkpoint) made
-Inductor recompute the gates in four kernels of the backward (~8 ms of the 374M training step's
-~107 on an H100, 2026-11-24), and an autograd.Function with its own backward was not honoured by
-torch 2.11's compiler, which kept q and g anyway. As one op, what its backward keeps is exactly
-what `_setup_context` saves: the two logits (bf16), v, lb, the initial state, the op's
-chunk states; the backward op recomputes the gates and applies their derivative
+backward, 3x a projection's bytes per layer. Recomputing them with torch.utils.checkpoint makes
+Inductor recompute the gates in several kernels of the backward, and torch's compiler does not
+honour an autograd.Function's own backward (it keeps q and g anyway). As one op, what its
+backward keeps is exactly what `_setup_context` saves: the two logits (bf16), v, lb, the initial
+state, the op's chunk states; the backward op recomputes the gates and applies their derivative
 (`hgrn2mini.kernels.gates`). On the Triton path the gates are one Triton kernel each way
 (`gates_triton`) and the derivative is applied by the dq/dg kernel as it writes (`chunk_hgrn2_bwd`
-with `logits`): 1.27 against 1.34 ms forward + backward with Inductor's gates around the plain
-kernels (B 8, T 2048, H 8, K = V = 128; H100, 2026-11-24, benchmarks/gated_ab.py); elsewhere
+with `logits`), which is faster than Inductor's gates around the plain kernels; elsewhere
 PyTorch's, which Inductor fuses.
 """
 
@@ -86,7 +84,7 @@ def _plain_forward(
     q: torch.Tensor, g: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, final state, kept states). The third output is what the backward may reuse: the Triton
-    path's chunk-start states when `kernels.chunk.CONFIG["keep_states"]`, as their raw bits in an
+    path's chunk-start states when `kernels.settings.CONFIG["keep_states"]`, as their raw bits in an
     integer dtype (so autograd gives it no gradient), else an empty tensor."""
     _check(q, g, v, initial_state)
     return _forward(q, g, v, initial_state, scale)
@@ -161,7 +159,7 @@ def _gated_forward(
     _check_logits(q_logits, f_logits, lower_bound, v, initial_state)
     heads = _heads(q_logits, v)
     if _chunk.triton_supported(q_logits.view(heads), v):
-        q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk._launch)
+        q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk.launcher)
     else:
         q, g = gates(q_logits, f_logits, lower_bound)
     return _forward(q.view(heads), g.view(heads), v, initial_state, scale)
@@ -179,7 +177,7 @@ def _gated_backward_body(
     recomputed, the recurrence's backward, then the gates' derivative."""
     heads, shape = _heads(q_logits, v), q_logits.shape
     if _chunk.triton_supported(q_logits.view(heads), v):  # the gates' derivative in the dq/dg kernel
-        q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk._launch)
+        q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk.launcher)
         dq_logits, df_logits, dlb, dv, dh0 = _chunk.chunk_hgrn2_bwd(
             q.view(heads), g.view(heads), v, initial_state, do, dht, scale, _kept(states, q.dtype),
             (q_logits.view(heads), f_logits.view(heads), lower_bound))
@@ -187,8 +185,7 @@ def _gated_backward_body(
         # From [B*T, H*K] views of the logits, not the [B, T, H*K] tensors the forward read: under
         # torch.compile both ops' bodies land in one graph, where identical expressions of the
         # forward and the backward are merged, and the forward's q, g and intermediates would then
-        # be kept rather than computed again (seen on the saved-tensor list,
-        # benchmarks/saved_activations.py).
+        # be kept rather than computed again.
         flat_q, flat_f = q_logits.flatten(0, 1), f_logits.flatten(0, 1)
         q, g = gates(flat_q, flat_f, lower_bound)
         dq, dg, dv, dh0 = _backward_body(q.view(heads), g.view(heads), v, initial_state, do, dht, scale, states)

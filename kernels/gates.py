@@ -6,11 +6,10 @@
       = log1p(-r),  r = 1 - f = (1 - lb) sigmoid(-f_logits)    where r < 1/2 (f near 1)
       = logaddexp(log lb, log1p(-lb) + logsigmoid(f_logits))   elsewhere (f near 0)
 
-Each form is exact to a few ulps of g where it is used. The logaddexp form alone (this
-library's until 2026-11-24) loses g's relative precision as f -> 1 with a bound well inside
-(0, 1): log lb and log(1 - lb) + log s are then both O(1) and their logaddexp cancels to g ~ r;
-in fp32, g near -2e-7 came out ~10% off (test_gates_match_float64 found it). log1p(-r) alone
-would lose it as f -> 0 (r -> 1, where lb is tiny).
+Each form is exact to a few ulps of g where it is used. The logaddexp form alone loses g's
+relative precision as f -> 1 with a bound well inside (0, 1): log lb and log(1 - lb) + log s are
+then both O(1) and their logaddexp cancels to g ~ r. log1p(-r) alone loses it as f -> 0 (r -> 1,
+where lb is tiny).
 
 Backward, with s = sigmoid(f_logits) and f = exp(g):
 
@@ -23,14 +22,12 @@ gates near 1 exact.
 
 On CUDA the forward is one Triton kernel (`gates_triton`: q and g from the logits in one pass,
 inside the op, never kept), and the backward's derivative is applied by the recurrence's dq/dg
-kernel as it writes (`hgrn2mini.kernels.chunk`, GATES), with the helpers below.
+kernel as it writes (`dqg.py`, GATES), with the helpers below.
 
-A first Triton version (2026-11-24, commit 8f423a8) matched float64 eagerly on the H100 but gave
-wrong results under torch.compile: torch's analysis of which arguments a user kernel writes
-(Triton IR) reported every pointer passed to its helper, which loaded the tiles and returned them
-with their offsets, as written, inputs included. Here the kernels load in their own body (the
-helpers take values, or load only the bound), and the analysis reports exactly their outputs
-(checked offline with torch 2.13, benchmarks/offline_regs.py --writes).
+The kernels load in their own body and the helpers take values (or load only the bound): torch's
+analysis of which arguments a user kernel writes, which torch.compile trusts, reports every
+pointer passed to a helper that returns loaded tiles as written, inputs included, and an input
+reported written gives wrong results compiled.
 """
 
 from __future__ import annotations
@@ -39,17 +36,13 @@ import os
 
 import torch
 import torch.nn.functional as F
-
-try:
-    import triton
-    import triton.language as tl
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - triton is a dependency; keep the CPU path importable
-    triton = None
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
 
 # Whether Triton's interpreter runs the kernels (CPU tests). Read once, when this module is
-# imported, as Triton reads it when the kernels are decorated: the launch path (`chunk._launch`)
-# and the kernels' own constexpr (`_INTERPRET`, here and in chunk.py) follow this one value.
+# imported, as Triton reads it when the kernels are decorated: the launch path (`launch.py`)
+# and the kernels' own constexpr (`_INTERPRET`) follow this one value.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -80,53 +73,55 @@ def gates_bwd(q_logits, f_logits, lower_bound, g, dq, dg):
     return dq_logits, df_logits.to(f_logits.dtype), dlb
 
 
-if triton is not None:
+_INTERPRET = tl.constexpr(_INTERPRETING)
 
-    _INTERPRET = tl.constexpr(_INTERPRETING)
 
-    @triton.jit
-    def _log1p(x):
-        """log(1 + x), exact to a few ulps for small x too: libdevice's on the GPU; under the
-        interpreter (no libdevice) Goldberg's form, u - 1 being exactly what 1 + x rounded to."""
-        if _INTERPRET:
-            u = 1.0 + x
-            d = u - 1.0
-            return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
-        else:
-            return libdevice.log1p(x)
+@triton.jit
+def _log1p(x):
+    """log(1 + x), exact to a few ulps for small x too: libdevice's on the GPU; under the
+    interpreter (no libdevice) Goldberg's form, u - 1 being exactly what 1 + x rounded to."""
+    if _INTERPRET:
+        u = 1.0 + x
+        d = u - 1.0
+        return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+    else:
+        return libdevice.log1p(x)
 
-    @triton.jit
-    def _sigmoid_terms(f):
-        """log sigmoid(f) and sigmoid(-f) of an fp32 tile, from one exp(-|f|) (never overflows)."""
-        e = tl.exp(-tl.abs(f))
-        return tl.minimum(f, 0.0) - _log1p(e), tl.where(f >= 0.0, e, 1.0) / (1.0 + e)
 
-    @triton.jit
-    def _log_gate(f, lb, cols, HAS_LB: tl.constexpr):
-        """g = log(lb + (1 - lb) sigmoid(f)) of an fp32 tile of forget logits [rows, cols], lb[cols]
-        the bound (fp32); the forms of `gates`, each exact where it is used."""
-        g, rest = _sigmoid_terms(f)
-        if HAS_LB:
-            bound = tl.load(lb + cols)
-            a = tl.log(bound)[None, :]  # -inf where lb = 0: then g = log(1 - lb) + log sigmoid(f) exactly
-            b = _log1p(-bound)[None, :] + g
-            hi = tl.maximum(a, b)
-            r = (1.0 - bound)[None, :] * rest  # 1 - f = (1 - lb) sigmoid(-f_logits)
-            g = tl.where(r < 0.5, _log1p(-tl.minimum(r, 0.5)), hi + _log1p(tl.exp(tl.minimum(a, b) - hi)))
-        return g
+@triton.jit
+def _sigmoid_terms(f):
+    """log sigmoid(f) and sigmoid(-f) of an fp32 tile, from one exp(-|f|) (never overflows)."""
+    e = tl.exp(-tl.abs(f))
+    return tl.minimum(f, 0.0) - _log1p(e), tl.where(f >= 0.0, e, 1.0) / (1.0 + e)
 
-    @triton.jit
-    def _gates_kernel(q_logits, f_logits, lb, q, g, N, D, HAS_LB: tl.constexpr, BR: tl.constexpr,
-                      BD: tl.constexpr):
-        """q = silu(q_logits) (their dtype) and g = log f (fp32) of a [BR, BD] tile of [N, D] logits."""
-        rows = tl.program_id(0) * BR + tl.arange(0, BR)
-        cols = tl.program_id(1) * BD + tl.arange(0, BD)
-        off = rows[:, None] * D + cols[None, :]
-        m = rows[:, None] < N
-        x = tl.load(q_logits + off, mask=m, other=0.0).to(tl.float32)
-        f = tl.load(f_logits + off, mask=m, other=0.0).to(tl.float32)
-        tl.store(q + off, (x / (1.0 + tl.exp(-x))).to(q.dtype.element_ty), mask=m)
-        tl.store(g + off, _log_gate(f, lb, cols, HAS_LB), mask=m)
+
+@triton.jit
+def _log_gate(f, lb, cols, HAS_LB: tl.constexpr):
+    """g = log(lb + (1 - lb) sigmoid(f)) of an fp32 tile of forget logits [rows, cols], lb[cols]
+    the bound (fp32); the forms of `gates`, each exact where it is used."""
+    g, rest = _sigmoid_terms(f)
+    if HAS_LB:
+        bound = tl.load(lb + cols)
+        a = tl.log(bound)[None, :]  # -inf where lb = 0: then g = log(1 - lb) + log sigmoid(f) exactly
+        b = _log1p(-bound)[None, :] + g
+        hi = tl.maximum(a, b)
+        r = (1.0 - bound)[None, :] * rest  # 1 - f = (1 - lb) sigmoid(-f_logits)
+        g = tl.where(r < 0.5, _log1p(-tl.minimum(r, 0.5)), hi + _log1p(tl.exp(tl.minimum(a, b) - hi)))
+    return g
+
+
+@triton.jit
+def _gates_kernel(q_logits, f_logits, lb, q, g, N, D, HAS_LB: tl.constexpr, BR: tl.constexpr,
+                  BD: tl.constexpr):
+    """q = silu(q_logits) (their dtype) and g = log f (fp32) of a [BR, BD] tile of [N, D] logits."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    off = rows[:, None] * D + cols[None, :]
+    m = rows[:, None] < N
+    x = tl.load(q_logits + off, mask=m, other=0.0).to(tl.float32)
+    f = tl.load(f_logits + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(q + off, (x / (1.0 + tl.exp(-x))).to(q.dtype.element_ty), mask=m)
+    tl.store(g + off, _log_gate(f, lb, cols, HAS_LB), mask=m)
 
 
 def gates_triton(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None, launch):
@@ -138,8 +133,8 @@ def gates_triton(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: to
     q = torch.empty_like(q_logits)
     g = torch.empty(q_logits.shape, device=q_logits.device, dtype=torch.float32)
     lb = lower_bound.contiguous() if lower_bound is not None else q_logits  # never read then; never an output
-    # 8 x 128 elements a program, 8 a thread: 56 registers (sm_90, Triton 3.9) against 255 at 32 x 128,
-    # where the occupancy left the kernel latency-bound (H100 2026-11-24: 114 us a call at 2 x 8192 x 1024).
+    # 8 x 128 elements a program, 8 a thread: few registers, so that many programs share an SM and
+    # hide each other's loads (larger tiles leave the kernel latency-bound).
     BR, BD = 8, (128 if D % 128 == 0 else 16)
     launch(_gates_kernel)[(triton.cdiv(N, BR), D // BD)](q_logits, f_logits, lb, q, g, N, D,
                                                           HAS_LB=lower_bound is not None, BR=BR, BD=BD, num_warps=4)

@@ -76,12 +76,12 @@ def gated_errors(got, want, scales, elementwise):
     """Relative errors, by name, of the gated op's outputs `got` against `gated_reference`'s.
 
     Two outputs are not measured by the plain norm of `rel_err`:
-    - dlb, a sum over every token whose terms can cancel (3.3x on a drawn bf16 problem,
-      2026-11-24): against the sum of the terms' magnitudes (the condition of a sum), `rel_err_sum`.
+    - dlb, a sum over every token whose terms can cancel (3.3x on a drawn bf16 problem): against
+      the sum of the terms' magnitudes (the condition of a sum), `rel_err_sum`.
     - df_logits = dg * w, w = (1 - lb) s (1 - s) / f exact and elementwise (s = sigmoid(x)), spans
       e^12 and more where forget logits spread around -20: its plain norm is then a few elements'
       dg, an elementwise error, which bf16 does not bound (one element of dg at 3.9% on a drawn
-      problem whose dg as a whole was at 3.3e-3; H100, 2026-11-24). It is measured as dg:
+      problem whose dg as a whole was at 3.3e-3). It is measured as dg:
       ||(got - want) / w|| / ||want / w||, the op's norm-wise bound on dg carried through w. With
       `elementwise` (fp32, where every element is accurate) its plain norm is checked too, as
       df_logits_plain.
@@ -111,23 +111,3 @@ def rel_err_sum(got, want, magnitudes):
         return float("inf")
     den = magnitudes.norm()
     return ((got - want).norm() / (den if den > 0 else 1.0)).item()
-
-
-def gated_logits(p, device="cpu"):
-    """A recurrence problem (problems.Problem) as the gated op takes it, float64: q logits, forget
-    logits (mean p.shift; uniform in [-30, 0] for p.gate "uniform30", gates down to e^-30), a
-    lower bound per channel up to p.lower_bound (None at 0), v, h0, do, dht."""
-    gen = torch.Generator().manual_seed(p.seed)
-    B, T, H, K, V = p.B, p.T, p.H, p.K, p.V
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
-    y, v = 2 * rnd(B, T, H * K), rnd(B, T, H, V)
-    if p.gate == "uniform30":
-        x = -30 * torch.rand(B, T, H * K, generator=gen, dtype=torch.float64)
-    else:
-        x = p.shift + 2 * rnd(B, T, H * K)
-    lb = None
-    if p.lower_bound > 0:
-        lb = p.lower_bound * (1 - 1e-3 * torch.rand(H * K, generator=gen, dtype=torch.float64))
-    h0 = rnd(B, H, K, V) if p.with_state else None
-    do, dht = rnd(B, T, H, V), rnd(B, H, K, V)
-    return [t.to(device) if t is not None else None for t in (y, x, lb, v, h0, do, dht)]

@@ -1,6 +1,8 @@
-"""Hypothesis strategy for recurrence problems, shared by the op and kernel tests.
+"""The tests' one input factory: a recurrence problem (`Problem`) gives the inputs of the plain
+op (`inputs`) and of the gated one (`logits`), in float64, from its seed; `problems` draws them
+with hypothesis, `REGIMES` names the gate regimes of fixed-shape tests.
 
-It draws the hard cases on purpose: T = 1, T not a multiple of the chunk (8 on the CPU path,
+The strategy draws the hard cases on purpose: T = 1, T not a multiple of the chunk (8 on the CPU path,
 64 in Triton), gates from near 0 (forget logits down to -20, or g = -30 per step) to near 1
 (logits up to +20, lower bounds up to 0.999), K != V, with and without an initial state.
 """
@@ -20,11 +22,11 @@ class Problem:
     H: int
     K: int
     V: int
-    gate: str  # "logits" or "uniform30" (g uniform in [-30, 0]: every sub-block on the slow path)
-    shift: float  # mean forget logit
-    lower_bound: float
-    with_state: bool
-    seed: int
+    gate: str = "logits"  # or "uniform30" (g uniform in [-30, 0]: every sub-block on the slow path)
+    shift: float = 0.0  # mean forget logit
+    lower_bound: float = 0.0
+    with_state: bool = True
+    seed: int = 0
 
     def inputs(self, device="cpu"):
         """float64 q, g, v, h0 (or None), do, dht on device."""
@@ -40,6 +42,34 @@ class Problem:
         do, dht = rnd(B, T, H, V), rnd(B, H, K, V)
         out = [q, g, v, h0, do, dht]
         return [x.to(device) if x is not None else None for x in out]
+
+    def logits(self, device="cpu"):
+        """The problem as the gated op takes it, float64: q logits, forget logits (mean shift;
+        uniform in [-30, 0] for gate "uniform30", gates down to e^-30), a lower bound per channel up
+        to lower_bound (None at 0), v, h0, do, dht."""
+        gen = torch.Generator().manual_seed(self.seed)
+        B, T, H, K, V = self.B, self.T, self.H, self.K, self.V
+        rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+        y, v = 2 * rnd(B, T, H * K), rnd(B, T, H, V)
+        if self.gate == "uniform30":
+            x = -30 * torch.rand(B, T, H * K, generator=gen, dtype=torch.float64)
+        else:
+            x = self.shift + 2 * rnd(B, T, H * K)
+        lb = None
+        if self.lower_bound > 0:
+            lb = self.lower_bound * (1 - 1e-3 * torch.rand(H * K, generator=gen, dtype=torch.float64))
+        h0 = rnd(B, H, K, V) if self.with_state else None
+        do, dht = rnd(B, T, H, V), rnd(B, H, K, V)
+        return [t.to(device) if t is not None else None for t in (y, x, lb, v, h0, do, dht)]
+
+
+# Gate regimes of the fixed-shape kernel tests, as Problem fields.
+REGIMES = {
+    "strong_decay": dict(gate="uniform30"),  # every sub-block on the pair-by-pair in-chunk path
+    "moderate": dict(shift=0.0),
+    "decay3": dict(shift=-3.0),  # chunks decaying past e^120: the sub-block path
+    "long_memory": dict(shift=4.0),  # gates near 1: state carried across segments
+}
 
 
 def problems(max_T=300, dims=(4, 8, 16, 24, 32), max_B=2, max_H=3):

@@ -15,10 +15,12 @@ from unittest import mock
 import pytest
 import torch
 from hgrn2mini.kernels import chunk as C
+from hgrn2mini.kernels import launch, state
+from hgrn2mini.kernels import settings as S
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from naive import gated_errors, gated_logits, gated_reference, naive_recurrence, rel_err
-from problems import problems, with_hard_cases
+from naive import gated_errors, gated_reference, naive_recurrence, rel_err
+from problems import REGIMES, Problem, problems, with_hard_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32: the interpreter is exact to fp32 rounding; on the GPU, 3xTF32 matmuls.
@@ -26,14 +28,12 @@ TOL = 1e-4
 _examples = min(settings().max_examples, 10) if DEVICE == "cpu" else settings().max_examples
 
 
-def _gates(gate: str, shape) -> torch.Tensor:
-    """g by regime: "strong_decay" is uniform in [-30, 0] (every sub-block on the pair-by-pair
-    in-chunk path); the others are logsigmoid(randn + shift): "moderate" (shift 0), "decay3" (-3:
-    chunks past e^120, the sub-block path), "long_memory" (+2: state carried across segments)."""
-    if gate == "strong_decay":
-        return -30 * torch.rand(shape)
-    shift = {"moderate": 0.0, "decay3": -3.0, "long_memory": 2.0}[gate]
-    return torch.nn.functional.logsigmoid(torch.randn(shape) + shift)
+def _inputs(B, T, H, K, V, gate, seed, with_state=True):
+    """fp32 q, g, v, h0, do, dht on DEVICE of a problem in one of the gate regimes (problems.REGIMES);
+    h0 and dht None without a state."""
+    p = Problem(B=B, T=T, H=H, K=K, V=V, with_state=with_state, seed=seed, **REGIMES[gate])
+    q, g, v, h0, do, dht = p.inputs(DEVICE)
+    return [x.float() if x is not None else None for x in (q, g, v, h0, do, dht if with_state else None)]
 
 
 def _fwd_bwd_errors(q, g, v, h0, do, dht, scale) -> dict:
@@ -48,17 +48,12 @@ def _fwd_bwd_errors(q, g, v, h0, do, dht, scale) -> dict:
     return {n: rel_err(a, b) for n, a, b in zip(names, got, want)}
 
 
-MODES = ["two_launches", "one_launch", "walk_out"]
+MODES = ["two_launches", "one_launch"]
 
 
 def _launches(mode: str):
     """CONFIG for one way of launching the kernels at every K, V: the out and dq/dg kernels twice
-    (whole-chunk variant, then the flagged programs again) or once (every path in one launch); or
-    "walk_out", the state walk and the out / dv kernel as one pass, its flagged chunks redone by
-    the two-launch out kernel (on the GPU from K = V = 32: its matmuls need K / 2 >= 16, and the
-    two-launch kernels faulted at V = 16 with Triton 3.6)."""
-    if mode == "walk_out":
-        return mock.patch.dict(C.CONFIG, {"two_pass_min_dim": 16 if DEVICE == "cpu" else 32, "walk_out": True})
+    (whole-chunk variant, then the flagged programs again) or once (every path in one launch)."""
     # With two launches: the state walk's paired value tiles (CONFIG state_pair) forced; with one
     # launch the default ("auto" leaves these small B * H unpaired).
     if mode == "two_launches":
@@ -100,11 +95,11 @@ def test_gated_kernels_match_float64(mode, p):
     gates' derivatives by hand. Every output and gradient to 1e-4."""
     from hgrn2mini.kernels.gates import gates_triton
 
-    y, x, lb, v, h0, do, dht = (t.float().contiguous() if t is not None else None for t in gated_logits(p, DEVICE))
+    y, x, lb, v, h0, do, dht = (t.float().contiguous() if t is not None else None for t in p.logits(DEVICE))
     heads = (p.B, p.T, p.H, p.K)
     scale = p.K**-0.5
     with _launches(mode):
-        q, g = gates_triton(y, x, lb, C._launch)
+        q, g = gates_triton(y, x, lb, C.launcher)
         o, hT, states = C.chunk_hgrn2_fwd_with_states(q.view(heads), g.view(heads), v, h0, scale)
         dy, dx, dlb, dv, dh0 = C.chunk_hgrn2_bwd(q.view(heads), g.view(heads), v, h0, do, dht, scale, states,
                                                  (y.view(heads), x.view(heads), lb))
@@ -119,11 +114,7 @@ def test_gated_kernels_match_float64(mode, p):
 @pytest.mark.parametrize("gate", ["strong_decay", "moderate"])
 def test_triton_kernels_without_final_state_gradient(gate):
     """dht = None (the final state unused) takes its own branch in the reverse state pass."""
-    torch.manual_seed(1)
-    B, T, H, K, V = 1, 100, 1, 16, 16
-    q, v, do = torch.randn(B, T, H, K), torch.randn(B, T, H, V), torch.randn(B, T, H, V)
-    g = _gates(gate, (B, T, H, K))
-    q, g, v, do = (x.to(DEVICE) for x in (q, g, v, do))
+    q, g, v, _, do, _ = _inputs(1, 100, 1, 16, 16, gate, seed=1, with_state=False)
     got = C.chunk_hgrn2_bwd(q, g, v, None, do, None, 0.25)
     want = C.chunk_hgrn2_bwd_ref(q.double(), g.double(), v.double(), None, do.double(), None, 0.25)
     for a, b in zip(got, want):
@@ -139,77 +130,65 @@ def test_triton_kernels_without_final_state_gradient(gate):
     [(128, 16, 70, "moderate"), (64, 32, 150, "decay3"), (64, 64, 100, "strong_decay")],
 )
 def test_triton_kernels_key_blocks_and_paths(K, V, T, gate, mode):
-    torch.manual_seed(2)
-    B, H = 1, 2
-    q, v = torch.randn(B, T, H, K), torch.randn(B, T, H, V)
-    do, h0, dht = torch.randn(B, T, H, V), torch.randn(B, H, K, V), torch.randn(B, H, K, V)
-    g = _gates(gate, (B, T, H, K))
-    q, g, v, do, h0, dht = (x.to(DEVICE) for x in (q, g, v, do, h0, dht))
+    q, g, v, h0, do, dht = _inputs(1, T, 2, K, V, gate, seed=2)
     with _launches(mode):
         errs = _fwd_bwd_errors(q, g, v, h0, do, dht, 0.3)
     assert all(e <= TOL for e in errs.values()), errs
 
 
+def _offline_regs() -> Path:
+    """The offline compile script (run, never imported): in tools/, or benchmarks/ where it was."""
+    root = Path(__file__).resolve().parents[1]
+    return next((p for p in (root / "tools" / "offline_regs.py", root / "benchmarks" / "offline_regs.py")
+                 if p.exists()), root / "tools" / "offline_regs.py")
+
+
 def test_kernel_variants_compile_with_inductors_argument_types():
     """Every kernel variant compiles for sm_90 with `scale` as Inductor passes it (fp64 scalar or
     constexpr), not only as an eager launch passes it (fp32): a branch that redefined `scale`
-    compiled eagerly and failed every torch.compile'd use on the GPU (2026-11-24). Compiled
+    compiles eagerly and fails every torch.compile'd use on the GPU. Compiled
     offline (Triton ships ptxas), in a process of its own (this one runs the interpreter)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "offline_regs.py"
+    script = _offline_regs()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script), "--check", "32", "32"], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count(" ok") == 70, run.stdout
+    assert run.stdout.count(" ok") == 45, run.stdout
 
 
 def test_compile_sees_only_the_outputs_written():
     """torch.compile trusts its own analysis of which arguments a user kernel writes (Triton IR):
-    a kernel reported as writing an input ran right eagerly and wrong compiled (the first gates
-    kernel, 2026-11-24, kernels/gates.py). Every kernel the gated op launches, every variant, must
-    be reported as writing its outputs only. Offline (sm_90 stand-in), in a process of its own."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "offline_regs.py"
+    a kernel reported as writing an input runs right eagerly and wrong compiled (kernels/gates.py).
+    Every kernel the gated op launches, every variant, must be reported as writing its outputs only.
+    Offline (sm_90 stand-in), in a process of its own."""
+    script = _offline_regs()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script), "--writes"], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count(" ok") == 31, run.stdout
+    assert run.stdout.count(" ok") == 21, run.stdout
 
 
 # The state walk cut into segments walked in parallel, then joined (CONFIG max_segments): forced
 # here on small shapes; uneven segments (10 and 11 chunks into 4), with and without states; K = 64
-# joins the states in the out kernel in two slices of rows. walk_out: the walk and out kernels as
-# one pass, each segment starting from the state entering it (a walk of the segments' ends first).
-@pytest.mark.parametrize("walk_out", [False, True], ids=["walk_then_out", "walk_out"])
+# joins the states in the out kernel in two slices of rows.
 @pytest.mark.parametrize("T, with_state, gate, K, V", [(600, True, "long_memory", 16, 32),
                                                        (650, False, "strong_decay", 16, 32),
                                                        (330, True, "moderate", 64, 16)])
-def test_triton_kernels_segmented_state_walk(T, with_state, gate, K, V, walk_out, monkeypatch):
+def test_triton_kernels_segmented_state_walk(T, with_state, gate, K, V, monkeypatch):
     monkeypatch.setitem(C.CONFIG, "max_segments", 8)
     monkeypatch.setitem(C.CONFIG, "min_segment_chunks", 1)
     monkeypatch.setitem(C.CONFIG, "min_programs", 10**6)
-    monkeypatch.setitem(C.CONFIG, "walk_out_min_programs", 10**6)
-    monkeypatch.setitem(C.CONFIG, "walk_out", walk_out)
     monkeypatch.setitem(C.CONFIG, "state_pair", True)  # at V = 32 (16 x 16 tiles); "auto" would not pair
-    if DEVICE == "cpu":  # on the GPU these K, V stay on the split path (test_ops.py's 32k tokens take it at 64)
+    if DEVICE == "cpu":  # on the GPU two launches fault at V = 16 (Triton 3.6): one launch there
         monkeypatch.setitem(C.CONFIG, "two_pass_min_dim", 16)
     launched = []
-    real_launch = C._launch
-    monkeypatch.setattr(C, "_launch", lambda kernel: launched.append(kernel) or real_launch(kernel))
-    torch.manual_seed(3)
-    B, H = 1, 2
-    q, v, do = torch.randn(B, T, H, K), torch.randn(B, T, H, V), torch.randn(B, T, H, V)
-    g = _gates(gate, (B, T, H, K))
-    h0 = torch.randn(B, H, K, V) if with_state else None
-    dht = torch.randn(B, H, K, V) if with_state else None
-    q, g, v, do = (x.to(DEVICE) for x in (q, g, v, do))
-    h0, dht = (x.to(DEVICE) if x is not None else None for x in (h0, dht))
+    real_launch = launch.launcher
+    monkeypatch.setattr(launch, "launcher", lambda kernel: launched.append(kernel) or real_launch(kernel))
+    q, g, v, h0, do, dht = _inputs(1, T, 2, K, V, gate, seed=3, with_state=with_state)
     errs = _fwd_bwd_errors(q, g, v, h0, do, dht, 0.3)
-    fused = C._walk_out_supported(q, v)
-    assert fused == (walk_out and DEVICE == "cpu")
-    assert launched.count(C._walk_out_kernel) == (2 if fused else 0)  # forward, and the state gradients
-    assert launched.count(C._segment_kernel) == 3  # forward; backward: states again, and their gradients
-    assert launched.count(C._fixup_kernel) == 1  # the states walked again; the others join in the out kernel
+    assert launched.count(state._segment_kernel) == 3  # forward; backward: states again, and their gradients
+    assert launched.count(state._fixup_kernel) == 1  # the states walked again; the others join in the out kernel
     assert all(e <= TOL for e in errs.values()), errs
 
 
@@ -225,7 +204,7 @@ def test_segment_kernel_joins_any_number_of_segments(nseg, reverse):
     seg_decay = torch.rand(BH, nseg, K, generator=gen).to(DEVICE)
     h_in = torch.full((BH, nseg, K, V), float("nan"), device=DEVICE)
     hT = torch.empty(BH, K, V, device=DEVICE)
-    C._segment_kernel[(K // BS, V // BS, BH)](seg_end, seg_decay, h_in, hT, nseg, K=K, V=V, BS=BS, REVERSE=reverse)
+    state._segment_kernel[(K // BS, V // BS, BH)](seg_end, seg_decay, h_in, hT, nseg, K=K, V=V, BS=BS, REVERSE=reverse)
     h, want_in = torch.zeros(BH, K, V, device=DEVICE), torch.empty_like(h_in)
     for s in (reversed(range(nseg)) if reverse else range(nseg)):
         want_in[:, s] = h
@@ -242,12 +221,7 @@ def test_triton_backward_from_kept_states(segmented, monkeypatch):
     if segmented:
         monkeypatch.setitem(C.CONFIG, "min_segment_chunks", 1)
         monkeypatch.setitem(C.CONFIG, "min_programs", 10**6)
-    torch.manual_seed(4)
-    B, T, H, K, V = 1, 150, 2, 16, 32
-    q, g = torch.randn(B, T, H, K), _gates("moderate", (B, T, H, K))
-    v, do = torch.randn(B, T, H, V), torch.randn(B, T, H, V)
-    h0, dht = torch.randn(B, H, K, V), torch.randn(B, H, K, V)
-    q, g, v, do, h0, dht = (x.to(DEVICE) for x in (q, g, v, do, h0, dht))
+    q, g, v, h0, do, dht = _inputs(1, 150, 2, 16, 32, "moderate", seed=4)
     _, _, states = C.chunk_hgrn2_fwd_with_states(q, g, v, h0, 0.3)
     again = C.chunk_hgrn2_bwd(q, g, v, h0, do, dht, 0.3)
     kept = C.chunk_hgrn2_bwd(q, g, v, h0, do, dht, 0.3, states)
@@ -258,15 +232,31 @@ def test_triton_backward_from_kept_states(segmented, monkeypatch):
 def test_launch_config_takes_symbolic_shapes():
     """Under dynamic shapes (opcheck's aot_dispatch_dynamic, torch.compile(dynamic=True)) K and V
     arrive as SymInts, which do not hash: the per-shape override must compare them, not look
-    them up (it looked them up until 2026-11-24, found by opcheck on the GPU)."""
+    them up."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def f(q, v):
-        return q * C._cfg(q, v, "out_bk") + v * C._cfg(q, v, "dqg_warps")
+        return q * S._cfg(q, v, "out_bk") + v * S._cfg(q, v, "dqg_warps", gated=True, has_lb=True)
 
     q, v = torch.randn(3, 128, dtype=torch.bfloat16), torch.randn(3, 128, dtype=torch.bfloat16)
     gm = make_fx(f, tracing_mode="symbolic")(q, v)
     assert torch.equal(gm(q, v), f(q, v))
+
+
+def test_launch_config_per_variant(monkeypatch):
+    """`_cfg` looks up a dq/dg variant's override first ("gated_lb", "gated"), then the shape's
+    plain one, then CONFIG; other shapes and dtypes keep CONFIG."""
+    monkeypatch.setattr(S, "FAST", {(64, 64, torch.bfloat16): {"dqg_warps": 2, "out_warps": 2},
+                                    (64, 64, torch.bfloat16, "gated"): {"dqg_warps": 8},
+                                    (64, 64, torch.bfloat16, "gated_lb"): {"dqg_stages": 3}})
+    q = v = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    assert S._cfg(q, v, "dqg_warps") == 2
+    assert S._cfg(q, v, "dqg_warps", gated=True) == 8
+    assert S._cfg(q, v, "dqg_warps", gated=True, has_lb=True) == 2  # no "gated_lb" entry for it: the plain one
+    assert S._cfg(q, v, "dqg_stages", gated=True, has_lb=True) == 3
+    assert S._cfg(q, v, "dqg_stages", gated=True) == S.CONFIG["dqg_stages"]
+    assert S._cfg(q, v, "out_warps", gated=True) == 2
+    assert S._cfg(q.float(), v.float(), "dqg_warps", gated=True) == S.CONFIG["dqg_warps"]
 
 
 @given(programs=st.integers(1, 4096), NT=st.integers(1, 4096), wave=st.sampled_from([64, 256, 264, 1000]))
@@ -276,9 +266,9 @@ def test_walk_segments_fill_at_most_one_wave(programs, NT, wave):
     """The state walk's segments (`_segments`): a power of two within CONFIG's bounds that never
     takes the walk past one wave of programs, and the largest such (one more doubling would pass
     the wave, max_segments or the shortest segment). The measured cases: 192 programs are not cut
-    (two waves of half-length segments were 7.5% slower with the join, H100 2026-11-25); 128 are
+    (two waves of half-length segments are no faster, and add the join); 128 are
     cut in two."""
-    nseg = C._segments(programs, NT, wave)
+    nseg = state._segments(programs, NT, wave)
     limit, shortest = C.CONFIG["max_segments"], C.CONFIG["min_segment_chunks"]
     assert nseg >= 1 and nseg & (nseg - 1) == 0 and nseg <= limit
     assert nseg == 1 or (programs * nseg <= wave and NT >= nseg * shortest)
@@ -321,7 +311,7 @@ def test_gates_match_float64(f_center, lb_kind, N, D, seed):
     q, g = G.gates(y, x, lb)
     got = (q, g) + G.gates_bwd(y, x, lb, g, dq, dg)
     # The Triton kernel of the forward (the interpreter on the CPU; libdevice's log1p on the GPU).
-    q_t, g_t = G.gates_triton(y.to(DEVICE), x.to(DEVICE), lb.to(DEVICE) if lb is not None else None, C._launch)
+    q_t, g_t = G.gates_triton(y.to(DEVICE), x.to(DEVICE), lb.to(DEVICE) if lb is not None else None, C.launcher)
 
     y, x, dq, dg = y.double(), x.double(), dq.double(), dg.double()
     lb64 = lb.double() if lb is not None else torch.zeros(D, dtype=torch.float64)

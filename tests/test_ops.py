@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from naive import gated_errors, gated_logits, gated_reference, naive_recurrence, rel_err
+from naive import gated_errors, gated_reference, naive_recurrence, rel_err
 from problems import Problem, problems, with_hard_cases
 
 from hgrn2mini.ops import chunk_hgrn2, gated_chunk_hgrn2
@@ -53,7 +53,7 @@ def check_against_naive(p, dtype, device):
 def gated_op_and_reference(p, dtype, device):
     """The gated op's 7 outputs (GATED_NAMES) on problem p with inputs in dtype, and the float64
     loop's on the same rounded inputs, with its scales (`gated_reference`)."""
-    y, x, lb, v, h0, do, dht = gated_logits(p, device)
+    y, x, lb, v, h0, do, dht = p.logits(device)
     y, x, v, do = (t.to(dtype).double() for t in (y, x, v, do))
     lb = lb.float().double() if lb is not None else None
     h0 = h0.float().double() if h0 is not None else None
@@ -109,29 +109,26 @@ def test_split_sequence_equals_whole(p, data):
     assert rel_err(h2, hT) <= 1e-5
 
 
+_SMALL = dict(B=2, T=70, H=2, K=16, V=32)
+
+
 def _opcheck_args(device, dtype, with_state):
-    torch.manual_seed(0)
-    B, T, H, K, V = 2, 70, 2, 16, 32
-    q = torch.randn(B, T, H, K, device=device, dtype=dtype, requires_grad=True)
-    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device=device)).requires_grad_()
-    v = torch.randn(B, T, H, V, device=device, dtype=dtype, requires_grad=True)
-    h0 = torch.randn(B, H, K, V, device=device, requires_grad=True) if with_state else None
-    return q, g, v, h0
+    """Leaves q, v (dtype), g and h0 (fp32) of a small problem with moderate gates."""
+    q, g, v, h0, _, _ = Problem(**_SMALL, with_state=with_state, seed=0).inputs(device)
+    return (q.to(dtype).requires_grad_(), g.float().requires_grad_(), v.to(dtype).requires_grad_(),
+            h0.float().requires_grad_() if h0 is not None else None)
 
 
 def opcheck_both(device, dtype, with_state):
     q, g, v, h0 = _opcheck_args(device, dtype, with_state)
     torch.library.opcheck(torch.ops.hgrn2mini.chunk_hgrn2.default, (q, g, v, h0, 0.25))
-    do = torch.randn_like(v)
-    dht = torch.randn(q.shape[0], q.shape[2], q.shape[3], v.shape[3], device=device)
+    # The gated op: logits [B, T, H*K] and a lower bound instead of q and g.
+    q_logits, f_logits, lb, _, _, do, dht = Problem(**_SMALL, lower_bound=0.5, seed=1).logits(device)
+    do, dht = do.to(dtype), dht.float()
     args = tuple(x.detach() if x is not None else None for x in (q, g, v, h0)) + (do, dht, 0.25)
     torch.library.opcheck(torch.ops.hgrn2mini.chunk_hgrn2_bwd.default, args)
-    # The gated op: logits [B, T, H*K] and a lower bound instead of q and g.
-    B, T, H, K = q.shape
-    torch.manual_seed(1)
-    q_logits = torch.randn(B, T, H * K, device=device, dtype=dtype, requires_grad=True)
-    f_logits = torch.randn(B, T, H * K, device=device, dtype=dtype, requires_grad=True)
-    lb = torch.rand(H * K, device=device).requires_grad_()
+    q_logits, f_logits = (t.to(dtype).requires_grad_() for t in (q_logits, f_logits))
+    lb = lb.float().requires_grad_()
     torch.library.opcheck(torch.ops.hgrn2mini.gated_chunk_hgrn2.default, (q_logits, f_logits, lb, v, h0, 0.25))
     args = tuple(x.detach() if x is not None else None for x in (q_logits, f_logits, lb, v, h0)) + (do, dht, 0.25)
     torch.library.opcheck(torch.ops.hgrn2mini.gated_chunk_hgrn2_bwd.default, args)
@@ -223,7 +220,7 @@ def test_gated_bad_input_names_the_argument(change, match):
 
 
 def with_k64_cases(test):
-    """K = V = 64 (bf16 there has launch settings of its own, kernels/chunk.py FAST): segments
+    """K = V = 64 (bf16 there has launch settings of its own, kernels/settings.py FAST): segments
     (10 chunks into 2, joined in the out kernel) with every chunk decaying past the whole-chunk path
     (redone), and moderate gates with a state."""
     test = example(Problem(B=2, T=600, H=2, K=64, V=64, gate="uniform30", shift=0.0, lower_bound=0.0,
@@ -251,7 +248,7 @@ def test_op_matches_naive_loop_cuda_bf16(p):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @with_hard_cases
-# Drawn on the H100 (2026-11-24): d f_logits 1.05e-2 and 1.62e-2 by the plain norm, one element of
+# Drawn on the GPU: d f_logits 1.05e-2 and 1.62e-2 by the plain norm, one element of
 # dg at 3.9% where the derivative's weight is largest (see `gated_errors`).
 @example(Problem(B=1, T=32, H=1, K=16, V=16, gate="logits", shift=-20.0, lower_bound=0.5, with_state=True, seed=1))
 @example(Problem(B=1, T=32, H=1, K=16, V=16, gate="logits", shift=-20.0, lower_bound=0.5, with_state=False, seed=7))

@@ -4,14 +4,14 @@ GPU. The pointers are typed 16-byte aligned, as a launch specializes them (compi
 global load becomes 2-byte scalar loads and the counts are not the launched kernel's). Triton 3.6
 and 3.9 give somewhat different counts.
 
-    python tools/offline_regs.py [state] [out] [walk_out] [dqg] [--gated] [--out DIR]  (K = V = 128, bf16)
+    python tools/offline_regs.py [state] [out] [dqg] [--gated] [--out DIR]  (K = V = 128, bf16)
     python tools/offline_regs.py --check K V    (exit status: every variant compiles)
     python tools/offline_regs.py --writes       (exit status: no input reported written)
 
 What is printed is also written to DIR/offline_regs.txt with --out.
 
 --gated: the dq/dg kernel carrying the gradients through the gates (GATES, with a lower bound).
---writes: runs the gated op's kernels (the gates' kernel, forward, backward; split and walk_out) through torch's
+--writes: runs the gated op's kernels (the gates' kernel, forward, backward) through torch's
 analysis of which arguments a user kernel writes, which Inductor trusts under torch.compile (a
 kernel reported as writing an input gets wrong results compiled, right ones eagerly:
 kernels/gates.py), and prints each kernel's reported writes.
@@ -33,11 +33,12 @@ import triton
 import triton.backends.nvidia
 import triton.language as tl
 from hgrn2mini.kernels import chunk as C
+from hgrn2mini.kernels import dqg, launch, out, state
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
-FAMILIES = ["state", "out", "walk_out", "dqg"]
+FAMILIES = ["state", "out", "dqg"]
 
 
 class Sm90Driver:
@@ -91,29 +92,22 @@ def check(K: int, V: int) -> int:
     """Compiles each variant of the kernels that take `scale` for sm_90 with scale as fp64 and as a
     constexpr; prints one line per variant, returns the number that failed."""
     common = dict(K=K, V=V, BT=64, DT=DT, PREC=PREC)
-    variants = [(C._state_kernel, dict(BS=min(K, V, 64), REVERSE=rev, HAS_H0=True, SEGMENTED=seg, STORE_STATES=store,
-                                       PAIR=pair))
-                for rev in (False, True) for seg in (False, True) for store in (True, False) if seg or store
-                for pair in (False, True)]
-    if 32 <= K <= 128:  # where the op may launch it (`_walk_out_supported`)
-        variants += [(C._walk_out_kernel, dict(BV=min(V, 64), FAST_RANGE=60.0, REVERSE=rev, HAS_H0=True,
-                                               SEGMENTED=seg))
-                     for rev in (False, True) for seg in (False, True)]
+    variants = [(state._state_kernel, dict(BS=min(K, V, 64), REVERSE=rev, HAS_H0=True, SEGMENTED=seg, PAIR=pair))
+                for rev in (False, True) for seg in (False, True) for pair in (False, True)]
     modes = [dict(GENERAL=False, FLAGGED=False, REDO=1), dict(GENERAL=True, FLAGGED=True, REDO=4),
              dict(GENERAL=True, FLAGGED=False, REDO=1)]
     # The out kernel joins a segmented walk's states, and stores gcum (dv), in its first (or only)
     # launch, never in the second.
-    variants += [(C._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=dv, JOIN=join, JR=min(K, 32),
+    variants += [(out._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=dv, JOIN=join, JR=min(K, 32),
                                       STORE_GCUM=dv and not m["FLAGGED"], **m))
                  for dv in (False, True) for m in modes for join in (False, True) if not (join and m["FLAGGED"])]
-    variants += [(C._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0,
-                                      LOAD_GCUM=load, **m))
-                 for m in modes for load in (False, True)]
+    variants += [(dqg._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0, **m))
+                 for m in modes]
     # Each variant both ways of typing scale; the dq/dg kernel with GATES too (scale as fp64: how
     # a variant types scale does not depend on GATES).
-    variants = [(fn, {**consts, **(PLAIN if fn is C._dqg_kernel else {})}, scale) for fn, consts in variants
+    variants = [(fn, {**consts, **(PLAIN if fn is dqg._dqg_kernel else {})}, scale) for fn, consts in variants
                 for scale in ("fp64", "constexpr")] + [
-        (fn, {**consts, **GATED}, "fp64") for fn, consts in variants if fn is C._dqg_kernel]
+        (fn, {**consts, **GATED}, "fp64") for fn, consts in variants if fn is dqg._dqg_kernel]
     failed = 0
     for fn, consts, scale in variants:
         c = {**common, **consts}
@@ -126,8 +120,7 @@ def check(K: int, V: int) -> int:
         except Exception as e:  # noqa: BLE001 - reported, counted
             failed += 1
             ok = "FAILED " + str(e).splitlines()[-1][:300]
-        flags = ("REVERSE", "SEGMENTED", "STORE_STATES", "PAIR", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES",
-                 "STORE_GCUM", "LOAD_GCUM")
+        flags = ("REVERSE", "SEGMENTED", "PAIR", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES", "STORE_GCUM")
         print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
     return failed
 
@@ -140,13 +133,12 @@ def counts(what: set, gated: bool):
         for BS, warps, stages, rev, seg, pair in [(64, 4, 3, False, False, True), (64, 4, 3, True, False, True),
                                                   (64, 4, 3, False, False, False), (32, 4, 3, False, False, True),
                                                   (64, 4, 3, False, True, True), (64, 4, 3, True, True, True)]:
-            c = dict(K=K, V=V, BT=64, BS=BS, DT=DT, PREC=PREC, REVERSE=rev, HAS_H0=True, SEGMENTED=seg,
-                     STORE_STATES=True, PAIR=pair)
+            c = dict(K=K, V=V, BT=64, BS=BS, DT=DT, PREC=PREC, REVERSE=rev, HAS_H0=True, SEGMENTED=seg, PAIR=pair)
             print("state", dict(BS=BS, warps=warps, stages=stages, reverse=rev, segmented=seg, pair=pair),
-                  usage(C._state_kernel, ptrs, c, warps, stages), flush=True)
+                  usage(state._state_kernel, ptrs, c, warps, stages), flush=True)
         for rev in (False, True):
-            print("segment", usage(C._segment_kernel, ptrs, dict(K=K, V=V, BS=64, REVERSE=rev), 4), flush=True)
-        print("fixup", usage(C._fixup_kernel, ptrs, dict(K=K, V=V, BT=64, BS=64), 4), flush=True)
+            print("segment", usage(state._segment_kernel, ptrs, dict(K=K, V=V, BS=64, REVERSE=rev), 4), flush=True)
+        print("fixup", usage(state._fixup_kernel, ptrs, dict(K=K, V=V, BT=64, BS=64), 4), flush=True)
     if "out" in what:
         for BK, BVO, warps, general, join in [(128, 128, 4, False, False), (128, 128, 4, False, True),
                                               (64, 128, 8, False, False), (64, 128, 4, False, False),
@@ -154,26 +146,16 @@ def counts(what: set, gated: bool):
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=60.0, DV=False,
                      GENERAL=general, FLAGGED=general, JOIN=join, JR=32, REDO=1, STORE_GCUM=False)
             print("out", dict(BK=BK, BVO=BVO, warps=warps, general=general, join=join),
-                  usage(C._out_kernel, ptrs, c, warps), flush=True)
-    if "walk_out" in what:
-        for BV, warps, stages, rev in [(64, 8, 2, False), (64, 8, 1, False), (64, 4, 2, False), (128, 8, 2, False),
-                                       (64, 8, 2, True)]:
-            c = dict(K=K, V=V, BT=64, BV=BV, DT=DT, PREC=PREC, FAST_RANGE=60.0, REVERSE=rev, HAS_H0=True,
-                     SEGMENTED=False)
-            print("walk_out", dict(BV=BV, warps=warps, stages=stages, reverse=rev),
-                  usage(C._walk_out_kernel, ptrs, c, warps, stages), flush=True)
+                  usage(out._out_kernel, ptrs, c, warps), flush=True)
     if "dqg" in what:
-        for BK, warps, general, load in [(64, 8, False, True), (64, 8, False, False), (32, 4, False, True),
-                                         (32, 8, False, True), (16, 4, False, True), (64, 8, True, True)]:
+        for BK, warps, general in [(64, 8, False), (32, 4, False), (32, 8, False), (16, 4, False), (64, 8, True)]:
             c = dict(K=K, V=V, BT=64, BC=16, BK=BK, BV=BK, DT=DT, PREC=PREC, PREC32="tf32", FAST_RANGE=60.0,
-                     GENERAL=general, FLAGGED=general, REDO=1, LOAD_GCUM=load, **gates)
-            print("dqg", dict(BK=BK, warps=warps, general=general, load_gcum=load),
-                  usage(C._dqg_kernel, ptrs, c, warps), flush=True)
+                     GENERAL=general, FLAGGED=general, REDO=1, **gates)
+            print("dqg", dict(BK=BK, warps=warps, general=general), usage(dqg._dqg_kernel, ptrs, c, warps), flush=True)
 
 # What each kernel may write; anything else reported written is an input (or a wrong report).
 OUTPUTS = {"_state_kernel": {"states", "hT", "decay", "seg_decay"}, "_segment_kernel": {"h_in", "hT"},
            "_fixup_kernel": {"states"}, "_out_kernel": {"o", "flags", "states", "gcum"},
-           "_walk_out_kernel": {"states", "o", "hT", "flags"},
            "_dqg_kernel": {"dq", "dg", "flags", "dlb_part"}, "_gates_kernel": {"q", "g"}}
 
 
@@ -189,7 +171,7 @@ def writes() -> int:
     triton.runtime.driver.set_active(Sm90Driver())
     seen = {}
 
-    def launch(kernel):
+    def record(kernel):
         def grid(_):
             def call(*args, **kw):
                 kwargs = dict(zip(kernel.arg_names, args))
@@ -204,17 +186,15 @@ def writes() -> int:
             return call
         return type("Launcher", (), {"__getitem__": lambda self, g: grid(g)})()
 
-    C._launch = launch
+    launch.launcher = record
     B, T, H, K, V = 1, 300, 2, 32, 32
     for lb in (None, torch.rand(H * K)):
-        for two_pass, seg, walk_out in ((True, False, False), (False, True, False), (True, False, True),
-                                        (True, True, True)):
+        for two_pass, seg in ((True, False), (False, True)):
             C.CONFIG.update(two_pass_min_dim=16 if two_pass else 10**9, min_segment_chunks=1,
-                            min_programs=10**6 if seg else 1, walk_out_min_programs=10**6 if seg else 1,
-                            walk_out=walk_out)
+                            min_programs=10**6 if seg else 1)
             y, x = torch.randn(B, T, H * K), torch.randn(B, T, H * K)
             v, do, h0 = torch.randn(B, T, H, V), torch.randn(B, T, H, V), torch.randn(B, H, K, V)
-            q, g = gates_triton(y, x, lb, launch)
+            q, g = gates_triton(y, x, lb, record)
             q, g = torch.randn(B, T, H, K), -torch.rand(B, T, H, K)  # stand-ins: nothing ran
             _, _, states = C.chunk_hgrn2_fwd_with_states(q, g, v, h0, 0.3)
             heads = (B, T, H, K)
