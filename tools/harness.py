@@ -57,4 +57,6 @@ def set_config(chunk, base, base_fast, update):
     asked for is what runs."""
     chunk.CONFIG.clear()
     chunk.CONFIG.update(base, **update)
-    chunk.FAST = {key: {**over, **{k: x for k, x in update.items() if k in over}} for key, over in base_fast.items()}
+    # In place: the kernels read the dicts of hgrn2mini.kernels.settings, which chunk re-exports.
+    chunk.FAST.clear()
+    chunk.FAST.update({key: {**over, **{k: x for k, x in update.items() if k in over}} for key, over in base_fast.items()})
