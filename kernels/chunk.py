@@ -16,11 +16,11 @@ from hgrn2mini.kernels.dqg import _run_dqg
 from hgrn2mini.kernels.launch import launcher
 from hgrn2mini.kernels.out import _run_out
 from hgrn2mini.kernels.reference import CHUNK, chunk_hgrn2_bwd_ref, chunk_hgrn2_fwd_ref
-from hgrn2mini.kernels.settings import CONFIG, FAST, triton_supported
-from hgrn2mini.kernels.state import _run_states
+from hgrn2mini.kernels.settings import _BT, CONFIG, FAST, triton_supported
+from hgrn2mini.kernels.state import _run_states, walk_plan
 
 __all__ = ["CHUNK", "CONFIG", "FAST", "chunk_hgrn2_bwd", "chunk_hgrn2_bwd_ref", "chunk_hgrn2_fwd",
-           "chunk_hgrn2_fwd_ref", "chunk_hgrn2_fwd_with_states", "launcher", "triton_supported"]
+           "chunk_hgrn2_fwd_ref", "chunk_hgrn2_fwd_with_states", "launcher", "prefill_lengths", "triton_supported"]
 
 
 def chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale):
@@ -67,3 +67,25 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=
         return dq_logits, df_logits, dlb, dv, dh0
     dq, dg = _run_dqg(q, g, gcum, v, do, states, dstates, scale)
     return dq, dg, dv, dh0
+
+
+def prefill_lengths(batch: int, heads: int, K: int, V: int, max_len: int, device=None) -> list[int]:
+    """Sequence lengths up to max_len that between them build every kernel variant the forward
+    launches at this batch size and head count, so that a warm-up over them leaves nothing to
+    compile for any later length up to max_len (T > 1). What varies with T: the state walk's plan
+    (`walk_plan`: segments, tile side, pairing) and the out kernel's REDO (`_redo_chunks`), both
+    functions of the number of 64-step chunks; and Triton's specialization of integer arguments
+    on divisibility by 16. One length per distinct plan with T % 16 == 0 and one without."""
+    from hgrn2mini.kernels.launch import _redo_chunks
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    BVO = min(V, CONFIG["out_bv"])
+    seen, lengths = set(), []
+    for NT in range(1, -(-max_len // _BT) + 1):
+        plan = (walk_plan(batch * heads, NT, K, V), _redo_chunks((V // BVO, NT, batch * heads), dev))
+        if plan in seen:
+            continue
+        seen.add(plan)
+        hi, lo = min(NT * _BT, max_len), max(2, (NT - 1) * _BT + 1)
+        lengths += [T for T in (hi - hi % 16, hi if hi % 16 else hi - 1) if T >= lo]
+    return sorted(set(lengths))

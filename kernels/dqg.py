@@ -73,6 +73,10 @@ def _dqg_chunk(q, g, gcum, v, do, states, dstates, dq, dg, T, H, scale, flags, q
         x = _load_tile(q_logits + offk, t0, T, H * K, rows, ck).to(tl.float32)
         sig = 1.0 / (1.0 + tl.exp(-x))
         dqc = dqc * sig * (1.0 + x * (1.0 - sig))  # silu'
+    # dq stored before dg's gate terms are formed: fewer tiles live at once (the bounded variant
+    # spills otherwise).
+    _store_tile(dq + offk, dqc, t0, T, H * K, rows, ck)
+    if GATES:
         f = _load_tile(f_logits + offk, t0, T, H * K, rows, ck).to(tl.float32)
         log_s, rest = _sigmoid_terms(f)  # log sigmoid(f), sigmoid(-f)
         if HAS_LB:
@@ -83,7 +87,6 @@ def _dqg_chunk(q, g, gcum, v, do, states, dstates, dq, dg, T, H, scale, flags, q
             dgc = dgc * rest * tl.exp(log1m_lb[None, :] + log_s - gc)
         else:
             dgc = dgc * rest
-    _store_tile(dq + offk, dqc, t0, T, H * K, rows, ck)
     _store_tile(dg + offk, dgc, t0, T, H * K, rows, ck)
     if not GENERAL:
         tl.store(flags + pid, _bad(b_last, FAST_RANGE))

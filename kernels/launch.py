@@ -5,6 +5,8 @@ on the host, `_redone` / `_redone_at` in the second launch's programs).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -39,11 +41,17 @@ def _redo_chunks(grid, device: torch.device) -> int:
     programs, compiled for every path, fit one or two to an SM: one per chunk, they would only load
     a flag and return, yet the GPU still starts them wave after wave. Where every chunk is flagged,
     a program walks its REDO chunks in about the waves the one-per-chunk launch takes."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
     redo = 1
     while redo < 16 and grid[0] * grid[1] * grid[2] >= 2 * redo * 2 * sms:
         redo *= 2
     return redo
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _launch_chunks(kernel, grid, *args, JOIN=None, STORE_GCUM=None, **meta):

@@ -72,6 +72,9 @@ FAST = {
     # K = V = 128: one 128-key out program a chunk at 4 warps; dq/dg in 64-key programs at 4 warps,
     # 2 stages, for which loading b rather than scanning g leaves the registers.
     (128, 128, torch.bfloat16): {"out_bk": 128, "out_warps": 4, "dqg_bk": 64, "dqg_warps": 4, "dqg_stages": 2},
+    # The gated dq/dg with a lower bound (every layer of the model but the first) holds the gate
+    # terms too: at 4 warps its 64-key program spills; 8 warps hold it.
+    (128, 128, torch.bfloat16, "gated_lb"): {"dqg_warps": 8, "dqg_stages": 1},
     # K = V = 64: the out kernel at 2 warps (more programs per SM); dq/dg in two 32-key programs.
     (64, 64, torch.bfloat16): {"out_warps": 2, "dqg_bk": 32, "dqg_warps": 4},
 }

@@ -14,6 +14,8 @@ get those incoming states, and `_fixup_kernel` (or the out kernel, JOIN) adds th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -211,6 +213,40 @@ def _segments(programs: int, NT: int, min_programs: int) -> int:
     return nseg
 
 
+def walk_plan(heads: int, NT: int, K: int, V: int) -> tuple[int, int, bool]:
+    """(segments, state tile side BS, paired tiles) of the walk over NT chunks of B*H = heads
+    heads: a function of the sizes and CONFIG alone, computed once per sizes and settings
+    (`_walk_plan`); under dynamic shapes (SymInt sizes, which do not hash) computed afresh."""
+    settings = tuple(CONFIG[k] for k in _PLAN_KEYS)
+    if all(type(x) is int for x in (heads, NT, K, V)):
+        return _walk_plan(heads, NT, K, V, settings)
+    return _walk_plan.__wrapped__(heads, NT, K, V, settings)
+
+
+_PLAN_KEYS = ("state_bs", "state_pair", "min_programs", "max_segments", "min_segment_chunks")
+
+
+@functools.lru_cache(maxsize=4096)
+def _walk_plan(heads, NT, K, V, settings):
+    # The walk is latency-bound per program: where B * H alone leaves SMs idle, cut the sequence
+    # into segments walked in parallel (CONFIG max_segments) and then use smaller state tiles.
+    # Square state tiles only: BK < BV faults with Triton 3.6.
+    state_bs, state_pair, min_programs, max_segments, _ = settings
+    BS = min(K, V, state_bs)
+
+    def programs(bs, paired):  # one per state tile (or pair of tiles) and head, before segments
+        return (K // bs) * (V // (bs * (1 + paired))) * heads
+
+    # Pairs halve the programs: "auto" pairs only where segments can make up for it (CONFIG).
+    pair = V >= 2 * BS and (state_pair is True or (  # stays so as BS halves
+        state_pair == "auto" and programs(BS, True) * max_segments >= min_programs))
+    nseg = _segments(programs(BS, pair), NT, min_programs)
+    # Smaller tiles (four times the programs) only where the walk fills at most half a wave.
+    while BS > 16 and programs(BS, pair) * nseg * 2 <= min_programs:
+        BS //= 2
+    return nseg, BS, pair
+
+
 def _run_states(q, g, x, h0, reverse, scale, join_later=False):
     """Chunk-start states (or chunk-end state gradients, x being do), [B*H, NT, K, V] in q's dtype,
     the final state (or d initial state), fp32, and the join: where the walk was segmented and
@@ -223,21 +259,7 @@ def _run_states(q, g, x, h0, reverse, scale, join_later=False):
     dev = q.device
     states = torch.empty(B * H, NT, K, V, device=dev, dtype=q.dtype)
     hT = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
-    # The walk is latency-bound per program: where B * H alone leaves SMs idle, cut the sequence
-    # into segments walked in parallel (CONFIG max_segments) and then use smaller state tiles.
-    # Square state tiles only: BK < BV faults with Triton 3.6.
-    BS = min(K, V, CONFIG["state_bs"])
-
-    def programs(bs, paired):  # one per state tile (or pair of tiles) and head, before segments
-        return (K // bs) * (V // (bs * (1 + paired))) * B * H
-
-    # Pairs halve the programs: "auto" pairs only where segments can make up for it (CONFIG).
-    pair = V >= 2 * BS and (CONFIG["state_pair"] is True or (  # stays so as BS halves
-        CONFIG["state_pair"] == "auto" and programs(BS, True) * CONFIG["max_segments"] >= CONFIG["min_programs"]))
-    nseg = _segments(programs(BS, pair), NT, CONFIG["min_programs"])
-    # Smaller tiles (four times the programs) only where the walk fills at most half a wave.
-    while BS > 16 and programs(BS, pair) * nseg * 2 <= CONFIG["min_programs"]:
-        BS //= 2
+    nseg, BS, pair = walk_plan(B * H, NT, K, V)
     grid = (K // BS, V // (BS * (1 + pair)), B * H * nseg)
     common = dict(K=K, V=V, BT=_BT, BS=BS, DT=DT, PREC=PREC, REVERSE=reverse, HAS_H0=h0 is not None,
                   PAIR=pair, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])

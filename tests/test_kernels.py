@@ -330,3 +330,24 @@ def test_gates_match_float64(f_center, lb_kind, N, D, seed):
     want += want[:2]
     for name, a, b in zip(("q", "g", "dq_logits", "df_logits", "dlb", "q (Triton)", "g (Triton)"), got, want):
         assert b is None or rel_err(a, b) < 1e-5, name
+
+
+@given(batch=st.sampled_from([1, 2, 3, 8, 32]), heads=st.sampled_from([1, 6, 8, 16]),
+       KV=st.sampled_from([(64, 64), (128, 128), (32, 128)]), max_len=st.integers(2, 9000))
+@settings(max_examples=_examples, deadline=None)
+def test_prefill_lengths_cover_every_launch(batch, heads, KV, max_len):
+    """Every T in [2, max_len] launches the forward as one of `prefill_lengths` does: the same walk
+    plan, the same out-kernel REDO and T % 16 == 0 alike (what Triton specializes T on)."""
+    K, V = KV
+    dev = torch.device("cpu")
+
+    def key(T):
+        NT = -(-T // S._BT)
+        grid = (V // min(V, C.CONFIG["out_bv"]), NT, batch * heads)
+        return state.walk_plan(batch * heads, NT, K, V), launch._redo_chunks(grid, dev), T % 16 == 0
+
+    lengths = C.prefill_lengths(batch, heads, K, V, max_len, device="cpu")
+    assert all(2 <= T <= max_len for T in lengths)
+    covered = {key(T) for T in lengths}
+    for T in range(2, max_len + 1, 7 if max_len > 3000 else 1):
+        assert key(T) in covered, T
