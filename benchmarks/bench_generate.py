@@ -14,7 +14,7 @@ Rows, each at batch 1 and --batch, prompts --prompts (512 and 2048), greedy:
   step) runs --eager-tokens only.
 - flatness: ours at batch 1, 512-token prompt, --flat-capture: the time per token from the 10th to
   the --flat-tokens-th, as the mean of each of 10 equal buckets, and their spread (max/min - 1).
-- compile count: after `warmup` at five prompt lengths (--lengths), one generation at each: the
+- compile count: after `warmup` up to the longest of five prompt lengths (--lengths), one generation at each: the
   graphs torch.compile built and the Triton kernels compiled meanwhile (both 0 when warm-up covers
   them), and each length's time to first token.
 - fla and LLaMA: transformers' generate, timed at 1 and at --hf-tokens new tokens (min_new_tokens
@@ -59,7 +59,7 @@ def run_ours(model, B: int, P: int, N: int, capture: str) -> dict:
 
     ids = torch.randint(0, VOCAB, (B, P), device="cuda")
     t = sync_time()
-    generation.warmup(model, (B,), (P,), padded=False, temperature=0, capture=capture)
+    generation.warmup(model, (B,), prompt_lengths=(P,), padded=False, temperature=0, capture=capture)
     warm_s = sync_time() - t
     t = sync_time()
     it = model.generate(ids, N, temperature=0, capture=capture)
@@ -94,7 +94,8 @@ def run_compile_count(model, lengths: list[int], capture: str) -> dict:
     from hgrn2mini import generation
 
     t = sync_time()
-    generation.warmup(model, (1,), lengths, padded=False, temperature=0, capture=capture)
+    # The warm-up covers every length up to the longest (prefill_lengths), not these five.
+    generation.warmup(model, (1,), max_prompt_len=max(lengths), padded=False, temperature=0, capture=capture)
     warm_s = sync_time() - t
     before = generation.compile_counts()
     ttft = {}

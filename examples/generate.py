@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_warmup:
         t0 = time.perf_counter()
         sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, capture=args.capture)
-        warmup(model, (1,), (len(prompt_ids(tokenizer, args.prompt)),), padded=False, **sampling)
+        warmup(model, (1,), prompt_lengths=(len(prompt_ids(tokenizer, args.prompt)),), padded=False, **sampling)
         print(f"[warm-up {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     print(args.prompt, end="", flush=True)
     stats: dict = {}

@@ -412,24 +412,23 @@ def generate(
                       generator, eos, pad[0], capture)
 
 
-def warmup(model: HGRN2ForCausalLM, batch_sizes: Iterable[int] = (1,),
-           prompt_lengths: Iterable[int] = (16, 64, 512, 2048), padded: bool = True, **kwargs: Any) -> None:
+def warmup(model: HGRN2ForCausalLM, batch_sizes: Iterable[int] = (1,), max_prompt_len: int = 2048,
+           prompt_lengths: Iterable[int] | None = None, padded: bool = True, **kwargs: Any) -> None:
     """Runs a 2-token generation at every batch size and prompt length, so that later calls at
-    these shapes compile nothing: the decode step is captured (and compiled) once per batch size
-    and sampling kind (greedy, top-k value, top-p or not: pass the temperature / top_k / top_p /
-    capture that the real calls use, in kwargs), and the prompt's kernels are built.
+    these batch sizes compile nothing: the decode step is captured (and compiled) once per batch
+    size and sampling kind (pass the temperature / top_k / top_p / capture of the real calls in
+    kwargs), and the prompt's kernels are built. The prefill's kernels vary with the length T by
+    the launch plan (a function of the number of 64-token chunks and B * H) and by T % 16 == 0, on
+    which Triton specializes integers: prompt_lengths None takes `kernels.chunk.prefill_lengths`,
+    one length per plan and residue, which covers every length up to max_prompt_len. With padded,
+    each length also runs with an attention mask. Prompts are token 0."""
+    from hgrn2mini.kernels.chunk import prefill_lengths
 
-    What varies with the prompt length T: the decode step not at all (it sees one token). The
-    prefill's Triton kernels take T as an integer argument, which Triton specializes on T % 16 == 0
-    and on T == 1; the chunk op chooses its launch (grid and segments of the state walk) from the
-    number of 64-token chunks and B * H. Lengths that agree on those share kernels; under
-    `compile_regions`, torch.compile also builds a graph for a second length and then one with T
-    dynamic. With padded, each shape also runs with an attention mask (another graph under
-    torch.compile). Random prompts use token 0.
-    """
-    device = next(model.parameters()).device
+    c, device = model.config, next(model.parameters()).device
     for B in batch_sizes:
-        for T in prompt_lengths:
+        lengths = prompt_lengths if prompt_lengths is not None else prefill_lengths(
+            B, c.num_heads, c.head_k_dim, c.head_v_dim, max_prompt_len, device)
+        for T in lengths:
             ids = torch.zeros(B, T, dtype=torch.long, device=device)
             for mask in [None, torch.ones_like(ids)] if padded else [None]:
                 generate(model, ids, 2, attention_mask=mask, **kwargs).result()
@@ -442,8 +441,8 @@ def compile_counts() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     kernels = 0
-    for name in ("hgrn2mini.kernels.chunk", "hgrn2mini.kernels.gates"):
-        for fn in vars(sys.modules.get(name, object())).values():
+    for name in [m for m in list(sys.modules) if m.startswith("hgrn2mini.kernels.")]:
+        for fn in vars(sys.modules[name]).values():
             jit = fn if hasattr(fn, "device_caches") else getattr(fn, "fn", None)  # an autotuner wraps one
             with contextlib.suppress(AttributeError, TypeError, IndexError):
                 kernels += sum(len(c[0]) for c in jit.device_caches.values())
