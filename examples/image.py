@@ -13,15 +13,13 @@ results.md (table), results.json, results.png (training loss and held-out accura
 
 from __future__ import annotations
 
-import time
-
-START = time.time()  # the budget counts from here, before the imports of torch
-
-import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+
+START = time.time()  # the budget counts from here, before torch is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however we're launched
 import seqcls  # noqa: E402
@@ -46,40 +44,16 @@ def digits(seed: int, test_fraction: float, out: Path) -> Path:
     return path
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/image", help="output folder")
-    p.add_argument("--time-budget", type=float, default=110.0,
-                   help="seconds of wall clock for everything: data, every run, the report")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="images held out, per class")
-    seqcls.add_model_args(p, width=128, layers=3, expand_ratio=32)
-    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
-    return p
+def check(args, p) -> None:
+    if not 0 < args.test_fraction < 1:
+        p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = parser()
-    args = p.parse_args(argv)
-    if args.worker:
-        seqcls.worker(args.worker, args)
-        return ""
-    seqcls.check_args(args, p)
-    if not 0 < args.test_fraction < 1:
-        p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    start = START if argv is None else time.time()  # called as a function: from the call
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = {"digits": digits(args.seed, args.test_fraction, out)}
-    runs = [("digits", kind) for kind in args.models]
-    deadline = start + args.time_budget - 5.0  # 5 s for the report
-    results = seqcls.run_all(runs, data, args, __file__, deadline)
-    command = "python examples/image.py " + " ".join(args.argv)
-    table = seqcls.report(results, out, "Digits (8 x 8) as pixel sequences", command)
-    print(table)
-    print(f"total {time.time() - start:.0f} s; results in {out}")
-    return table
+    p = seqcls.parser(__doc__, "runs/image", 110.0, width=128, layers=3, expand_ratio=32, jobs=3)
+    p.add_argument("--test-fraction", type=float, default=0.2, help="images held out, per class")
+    return seqcls.main(p, argv, START, __file__, "Digits (8 x 8) as pixel sequences",
+                       lambda args, out: {"digits": digits(args.seed, args.test_fraction, out)}, check)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,15 @@ held-out accuracy), the generated data sets (data_*.npz).
 
 from __future__ import annotations
 
-import time
-
-START = time.time()  # the budget counts from here, before the imports of torch
-
-import argparse
 import os
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+START = time.time()  # the budget counts from here, before torch is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however we're launched
 import seqcls  # noqa: E402
@@ -202,12 +200,22 @@ def make_data(task: str, args, out: Path, pool) -> Path:
     return path
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/lra", help="output folder")
-    p.add_argument("--time-budget", type=float, default=330.0,
-                   help="seconds of wall clock for everything: data, every run, the report")
+def check(args, p) -> None:
+    for name in ("listops_train", "listops_test", "pathfinder_train", "pathfinder_test"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.listops_min_len <= args.listops_max_len:
+        p.error(f"--listops-min-len must be in [1, --listops-max-len={args.listops_max_len}], "
+                f"got {args.listops_min_len}")
+
+
+def all_data(args, out: Path) -> dict[str, Path]:
+    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        return {task: make_data(task, args, out, pool) for task in args.tasks}
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = seqcls.parser(__doc__, "runs/lra", 330.0, width=128, layers=4, expand_ratio=32, jobs=6)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--listops-train", type=int, default=12000, help="training expressions")
     p.add_argument("--listops-test", type=int, default=1000, help="held-out expressions")
@@ -215,40 +223,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--listops-max-len", type=int, default=2000, help="longest expression, tokens (LRA: 2000)")
     p.add_argument("--pathfinder-train", type=int, default=20000, help="training images")
     p.add_argument("--pathfinder-test", type=int, default=2000, help="held-out images")
-    seqcls.add_model_args(p, width=128, layers=4, expand_ratio=32)
-    p.set_defaults(jobs=6)
-    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
-    return p
-
-
-def main(argv: list[str] | None = None) -> str:
-    p = parser()
-    args = p.parse_args(argv)
-    if args.worker:
-        seqcls.worker(args.worker, args)
-        return ""
-    seqcls.check_args(args, p)
-    for name in ("listops_train", "listops_test", "pathfinder_train", "pathfinder_test"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 1 <= args.listops_min_len <= args.listops_max_len:
-        p.error(f"--listops-min-len must be in [1, --listops-max-len={args.listops_max_len}], "
-                f"got {args.listops_min_len}")
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    start = START if argv is None else time.time()  # called as a function: from the call
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        data = {task: make_data(task, args, out, pool) for task in args.tasks}
-    print(f"data sets ready at {time.time() - start:.1f} s", flush=True)
-    runs = [(task, kind) for task in args.tasks for kind in args.models]
-    deadline = start + args.time_budget - 5.0  # 5 s for the report
-    results = seqcls.run_all(runs, data, args, __file__, deadline)
-    command = "python examples/lra.py " + " ".join(args.argv)
-    table = seqcls.report(results, out, "Long Range Arena tasks, generated", command)
-    print(table)
-    print(f"total {time.time() - start:.0f} s; results in {out}")
-    return table
+    return seqcls.main(p, argv, START, __file__, "Long Range Arena tasks, generated", all_data, check)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,14 @@ def build_model(kind: str, vocab_size: int, num_labels: int, max_len: int, args)
     return HGRN2ForSequenceClassification(config)
 
 
-def add_model_args(p: argparse.ArgumentParser, width: int, layers: int, expand_ratio: int) -> None:
+def parser(doc: str, out: str, budget: float, width: int, layers: int, expand_ratio: int,
+           jobs: int) -> argparse.ArgumentParser:
+    """The arguments every example takes: output folder, time budget, the models and training."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--time-budget", type=float, default=budget,
+                   help="seconds of wall clock for everything: data, every run, the report")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="models to train")
     p.add_argument("--width", type=int, default=width, help="hidden size D of every model")
     p.add_argument("--layers", type=int, default=layers, help="blocks of every model")
@@ -110,9 +117,36 @@ def add_model_args(p: argparse.ArgumentParser, width: int, layers: int, expand_r
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--max-steps", type=int, default=None, help="stop a run after this many steps (default: no cap)")
-    p.add_argument("--jobs", type=int, default=3, help="runs in parallel, as subprocesses (1: in this process)")
+    p.add_argument("--jobs", type=int, default=jobs, help="runs in parallel, as subprocesses (1: in this process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)  # one run, in a subprocess of run_all
+    return p
+
+
+def main(p: argparse.ArgumentParser, argv: list[str] | None, start: float, script: str, title: str,
+         make_data, check=None) -> str:
+    """Parses argv, makes the data sets (make_data(args, out) -> {task: .npz path}), runs every
+    task with every model by start + --time-budget, writes the report; returns its table."""
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args)
+        return ""
+    check_args(args, p)
+    if check is not None:
+        check(args, p)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    start = start if argv is None else time.time()  # called as a function: the budget runs from the call
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = make_data(args, out)
+    print(f"data sets ready at {time.time() - start:.1f} s", flush=True)
+    runs = [(task, kind) for task in data for kind in args.models]
+    results = run_all(runs, data, args, script, start + args.time_budget - 5.0)  # 5 s for the report
+    table = report(results, out, title, f"python examples/{Path(script).name} " + " ".join(args.argv))
+    print(table)
+    print(f"total {time.time() - start:.0f} s; results in {out}")
+    return table
 
 
 def check_args(args, p: argparse.ArgumentParser) -> None:
@@ -245,7 +279,7 @@ def report(results: list[dict], out: Path, title: str, command: str) -> str:
     """results.json, results.md and results.png in out; returns the Markdown table."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"title": title, "command": command, "runs": results}, indent=1))
-    lines = [f"| task | model | params | steps | examples seen | train s | held-out accuracy (n) |",
+    lines = ["| task | model | params | steps | examples seen | train s | held-out accuracy (n) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['task']} | {r['label']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['examples_seen']} "
@@ -271,7 +305,8 @@ def report(results: list[dict], out: Path, title: str, command: str) -> str:
             ax.legend(fontsize=7)
     ax, width = axes[-1], 0.8 / len(MODELS)
     for i, kind in enumerate(MODELS):
-        acc = [next((100 * r["test_accuracy"] for r in results if r["task"] == t and r["model"] == kind), 0) for t in tasks]
+        acc = {r["task"]: 100 * r["test_accuracy"] for r in results if r["model"] == kind}
+        acc = [acc.get(t, 0) for t in tasks]
         ax.bar(np.arange(len(tasks)) + i * width, acc, width, color=colors[kind], label=LABELS[kind])
     ax.set_xticks(np.arange(len(tasks)) + width, tasks)
     ax.set(title="held-out accuracy", ylabel="%", ylim=(0, 100))

@@ -86,7 +86,9 @@ def check_ids(x: Any, name: str, high: int, high_name: str, ignore: bool = False
 
 
 def is_int_tensor(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+    if not isinstance(x, torch.Tensor):
+        return False
+    return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
 
 
 def describe(x: Any) -> str:
