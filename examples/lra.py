@@ -216,7 +216,7 @@ def all_data(args, out: Path) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> str:
     p = seqcls.parser(__doc__, "runs/lra", 330.0, width=128, layers=4, expand_ratio=32, jobs=6)
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to run")
     p.add_argument("--listops-train", type=int, default=12000, help="training expressions")
     p.add_argument("--listops-test", type=int, default=1000, help="held-out expressions")
     p.add_argument("--listops-min-len", type=int, default=500, help="shortest expression, tokens (LRA: 500)")
