@@ -271,6 +271,8 @@ def run_all(runs: list[tuple[str, str]], data_paths: dict[str, Path], args, scri
 
 def worker(argv_tail: list[str], args) -> None:
     task, kind, data_path, result, deadline = argv_tail
+    # The runs share the host's cores: without a share each, their threads spin against each other.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
     out = train_one(task, kind, dict(np.load(data_path)), args, float(deadline))
     Path(result).write_text(json.dumps(out))
 
