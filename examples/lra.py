@@ -5,7 +5,7 @@ HGRN2, HGRN2 at expand_ratio 1 and a softmax-attention baseline of the same widt
     python examples/lra.py --tasks listops --time-budget 120 --out runs/listops
 
 ListOps (Nangia & Bowman 2018, as LRA generates it): nested [MAX, [MIN, [MED and [SM (sum
-modulo 10) expressions over the digits 0-9, 500 to 2,000 tokens long; the answer (10 classes) is
+modulo 10) expressions over the digits 0-9, between 500 and 2,000 tokens long; the answer (10 classes) is
 the value of the expression. The generator follows LRA's: a node is a digit with probability
 0.75 (always at depth 10), else an operator over 2 to 10 arguments; expressions outside the length
 range are drawn again. Tokens: the operators, the digits and "]" (LRA's parentheses carry nothing
@@ -91,7 +91,7 @@ def listops_chunk(seed: int, split: int, chunk: int, n: int, min_len: int, max_l
     i = 0
     while i < n:
         tree = listops_tree(rng, max_len)
-        if tree is None or len(tree[0]) < min_len:
+        if tree is None or not min_len < len(tree[0]) < max_len:  # LRA's bounds, both excluded
             continue
         tokens, value = tree
         ids[i, : len(tokens)] = [TOKEN_ID[t] for t in tokens]
@@ -204,9 +204,9 @@ def check(args, p) -> None:
     for name in ("listops_train", "listops_test", "pathfinder_train", "pathfinder_test"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 1 <= args.listops_min_len <= args.listops_max_len:
-        p.error(f"--listops-min-len must be in [1, --listops-max-len={args.listops_max_len}], "
-                f"got {args.listops_min_len}")
+    if args.listops_min_len < 0 or args.listops_max_len - args.listops_min_len < 10:
+        p.error(f"--listops-min-len must be >= 0 and at least 10 below --listops-max-len (a narrower window "
+                f"may hold no expression), got {args.listops_min_len} and {args.listops_max_len}")
 
 
 def all_data(args, out: Path) -> dict[str, Path]:
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to run")
     p.add_argument("--listops-train", type=int, default=12000, help="training expressions")
     p.add_argument("--listops-test", type=int, default=1000, help="held-out expressions")
-    p.add_argument("--listops-min-len", type=int, default=500, help="shortest expression, tokens (LRA: 500)")
-    p.add_argument("--listops-max-len", type=int, default=2000, help="longest expression, tokens (LRA: 2000)")
+    p.add_argument("--listops-min-len", type=int, default=500, help="expressions are longer than this, tokens (LRA: 500)")
+    p.add_argument("--listops-max-len", type=int, default=2000, help="and shorter than this (LRA: 2000)")
     p.add_argument("--pathfinder-train", type=int, default=20000, help="training images")
     p.add_argument("--pathfinder-test", type=int, default=2000, help="held-out images")
     return seqcls.main(p, argv, START, __file__, "Long Range Arena tasks, generated", all_data, check)

@@ -43,7 +43,7 @@ def test_listops_examples_are_well_formed():
     ids, lengths, labels = lra.listops_chunk(seed=3, split=0, chunk=0, n=60, min_len=20, max_len=300)
     seen_ops = set()
     for row, n, label in zip(ids, lengths, labels):
-        assert 20 <= n <= 300 and (row[n:] == 0).all() and (row[:n] > 0).all()
+        assert 20 < n < 300 and (row[n:] == 0).all() and (row[:n] > 0).all()
         tokens = [lra.VOCAB[i] for i in row[:n]]
         depth = max_depth = 0
         for t in tokens:
@@ -155,7 +155,8 @@ def test_time_budget_holds(tmp_path):
 @pytest.mark.parametrize("script, argv, message", [
     (lra, ["--width", "30", "--expand-ratio", "16"], r"--width \(30\) must be divisible by --expand-ratio \(16\)"),
     (lra, ["--time-budget", "0"], "--time-budget must be > 0 seconds, got 0.0"),
-    (lra, ["--listops-min-len", "300", "--listops-max-len", "200"], r"--listops-min-len must be in \[1, "),
+    (lra, ["--listops-min-len", "300", "--listops-max-len", "305"], r"--listops-min-len must be >= 0 and at least 10 "
+     r"below --listops-max-len .*, got 300 and 305"),
     (lra, ["--pathfinder-train", "0"], "--pathfinder-train must be >= 1, got 0"),
     (lra, ["--tasks", "cifar"], "invalid choice: 'cifar'"),
     (image, ["--test-fraction", "1.5"], r"--test-fraction must be in \(0, 1\), got 1.5"),
