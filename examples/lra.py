@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to run")
     p.add_argument("--listops-train", type=int, default=12000, help="training expressions")
     p.add_argument("--listops-test", type=int, default=1000, help="held-out expressions")
-    p.add_argument("--listops-min-len", type=int, default=500, help="expressions are longer than this, tokens (LRA: 500)")
+    p.add_argument("--listops-min-len", type=int, default=500,
+                   help="expressions are longer than this, tokens (LRA: 500)")
     p.add_argument("--listops-max-len", type=int, default=2000, help="and shorter than this (LRA: 2000)")
     p.add_argument("--pathfinder-train", type=int, default=20000, help="training images")
     p.add_argument("--pathfinder-test", type=int, default=2000, help="held-out images")

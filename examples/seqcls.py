@@ -116,7 +116,8 @@ def parser(doc: str, out: str, budget: float, width: int, layers: int, expand_ra
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    p.add_argument("--max-steps", type=int, default=None, help="stop a run after this many steps; None: at the deadline only")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop a run after this many steps; None: at the deadline only")
     p.add_argument("--jobs", type=int, default=jobs, help="runs in parallel, as subprocesses (1: in this process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="seed of the data sets, the init and the batches")
