@@ -41,7 +41,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hgrn2mini.model import HGRN2ForCausalLM, check_attention_mask
+from hgrn2mini.checks import check_attention_mask
+from hgrn2mini.model import HGRN2ForCausalLM
 from hgrn2mini.ops import check_state
 
 CAPTURES = ("auto", "none", "graph", "compile", "compile+graph")

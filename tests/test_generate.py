@@ -6,7 +6,7 @@ import gc
 
 import pytest
 import torch
-from hgrn2mini.kernels.chunk import _launch
+from hgrn2mini.kernels.launch import launcher
 from hgrn2mini.kernels.gates import gates_triton
 from naive import rel_err
 
@@ -102,7 +102,7 @@ def test_padding_leaves_the_state_exactly_unchanged():
             _, g = gates(f, f, lb)
             assert (g == 0).all() and (-torch.expm1(g) == 0).all(), (dtype, lb)
             if dtype == torch.float32 or (DEVICE == "cuda" and dtype == torch.bfloat16):
-                _, g = gates_triton(f.to(DEVICE), f.to(DEVICE), lb.to(DEVICE) if lb is not None else None, _launch)
+                _, g = gates_triton(f.to(DEVICE), f.to(DEVICE), lb.to(DEVICE) if lb is not None else None, launcher)
                 assert (g == 0).all(), ("triton", dtype, lb)
     # Through the model: a row of padding leaves a given state bit for bit as it was.
     model = tiny()

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from naive import rel_err
 
-import hgrn2mini.model as model_module
+import hgrn2mini.loss as loss_module
 from hgrn2mini import CausalLMOutput, HGRN2Config, HGRN2ForCausalLM, chunk_hgrn2
 from hgrn2mini.model import hgrn2_recurrent_step
 
@@ -116,7 +116,7 @@ CASES = {
 @pytest.mark.parametrize("fused_loss", [False, True], ids=["logits", "fused_loss"])
 def test_forward_and_gradients_match_float64_model(case, f_scale, fused_loss, monkeypatch):
     # fused_loss: the loss without the logits, in chunks of 7 rows (90 rows: a partial last chunk)
-    monkeypatch.setattr(model_module, "CE_CHUNK_LOGITS", 7 * 97)
+    monkeypatch.setattr(loss_module, "CE_CHUNK_LOGITS", 7 * 97)
     cfg = small_config(**CASES[case], fuse_linear_cross_entropy=fused_loss)
     model = randomized(cfg, seed=1, f_scale=f_scale)
     torch.manual_seed(2)
@@ -161,7 +161,7 @@ def test_linear_cross_entropy_matches_float64(N, D, vocab, ignored, chunk, scale
     in one chunk or many (chunk / vocab rows each, down to 1, a partial last one), with ignored
     rows (all of them: NaN, as F.cross_entropy gives), large logits (scale 30), and without grad.
     Gradients to 1e-5 relative."""
-    from hgrn2mini.model import linear_cross_entropy
+    from hgrn2mini.loss import linear_cross_entropy
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(N, D, generator=gen).requires_grad_()
@@ -171,7 +171,7 @@ def test_linear_cross_entropy_matches_float64(N, D, vocab, ignored, chunk, scale
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     want = F.cross_entropy(x64 @ w64.T, targets, ignore_index=-100)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(model_module, "CE_CHUNK_LOGITS", chunk)
+        mp.setattr(loss_module, "CE_CHUNK_LOGITS", chunk)
         got = linear_cross_entropy(x, w, targets)
         with torch.no_grad():
             got_no_grad = linear_cross_entropy(x, w, targets)
@@ -190,7 +190,7 @@ def test_linear_cross_entropy_matches_float64(N, D, vocab, ignored, chunk, scale
 
 
 def test_linear_cross_entropy_errors():
-    from hgrn2mini.model import linear_cross_entropy
+    from hgrn2mini.loss import linear_cross_entropy
 
     x, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"x must be \[N, D\] with N >= 1, got shape \[0, 8\]"):
@@ -202,7 +202,7 @@ def test_linear_cross_entropy_errors():
 
 
 def test_fused_loss_compiles_without_breaks_and_equals_eager(monkeypatch):
-    monkeypatch.setattr(model_module, "CE_CHUNK_LOGITS", 30 * 97)  # 3 chunks for 80 rows
+    monkeypatch.setattr(loss_module, "CE_CHUNK_LOGITS", 30 * 97)  # 3 chunks for 80 rows
     cfg = small_config(num_hidden_layers=2, fuse_linear_cross_entropy=True)
     model = randomized(cfg, seed=5)
     ids = torch.randint(0, cfg.vocab_size, (2, 40))
@@ -533,6 +533,15 @@ def test_input_errors(tiny_model):
         m(ok, labels=ok[:, :3])
     with pytest.raises(TypeError, match="labels.*integer"):
         m(ok, labels=ok.float())
+    for bad in (V, V + 5, -1, -101):  # the same check as input_ids; -100 (ignored) stays allowed
+        labels = ok.clone()
+        labels[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, vocab_size=97\) or -100 \(ignored\), "
+                                             rf"got 1 values outside it, in \[{bad}, {bad}\]"):
+            m(ok, labels=labels)
+    labels = ok.clone()
+    labels[:, :2] = -100
+    assert torch.isfinite(m(ok, labels=labels).loss)
 
 
 def test_state_errors(tiny_model):
@@ -573,7 +582,7 @@ def test_compiled_training_step_equals_eager_cuda(dtype, fused_loss, monkeypatch
     and eager round differently (Inductor fuses the elementwise ops around the op), so both are
     measured against the same model in fp32: compiled must be as accurate as eager (within 1.5x
     of eager's own bf16 error, which is itself checked to be bf16-sized)."""
-    monkeypatch.setattr(model_module, "CE_CHUNK_LOGITS", 128 * 97)  # 3 chunks for 300 rows
+    monkeypatch.setattr(loss_module, "CE_CHUNK_LOGITS", 128 * 97)  # 3 chunks for 300 rows
     model = randomized(small_config(expand_ratio=32, hidden_size=128, fuse_linear_cross_entropy=fused_loss),
                        seed=3).cuda()
     ids = torch.randint(0, model.config.vocab_size, (2, 150), device="cuda")
