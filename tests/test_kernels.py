@@ -137,10 +137,9 @@ def test_triton_kernels_key_blocks_and_paths(K, V, T, gate, mode):
 
 
 def _offline_regs() -> Path:
-    """The offline compile script (run, never imported): in tools/, or benchmarks/ where it was."""
+    """The offline compile script (run as a program, never imported)."""
     root = Path(__file__).resolve().parents[1]
-    return next((p for p in (root / "tools" / "offline_regs.py", root / "benchmarks" / "offline_regs.py")
-                 if p.exists()), root / "tools" / "offline_regs.py")
+    return root / "tools" / "offline_regs.py"
 
 
 def test_kernel_variants_compile_with_inductors_argument_types():
