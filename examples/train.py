@@ -91,12 +91,15 @@ def add_data_args(g, default_corpus: str = "the Python standard library") -> Non
                    help="tokenized data and trained tokenizers, reused when the inputs are unchanged")
 
 
-def add_optimization_args(g, defaults: dict | None = None) -> None:
+def add_optimization_args(g, defaults: dict | None = None, notes: dict | None = None) -> None:
     """The schedule and optimizer options, shared with compare_lm.py. Without `defaults`, the
-    options that a preset sets default to None and their help names the presets' values."""
+    options that a preset sets default to None and their help names the presets' values; `notes`
+    replaces the shown default of an option where its value is decided later."""
 
     def default(key):
-        return (None, _preset_default(key)) if defaults is None else (defaults[key], "")
+        if defaults is None:
+            return None, _preset_default(key)
+        return defaults[key], (notes or {}).get(key, "")
 
     for flag, key, kind, text in (
         ("--vocab-size", "vocab_size", int, "BPE vocabulary to train"),
@@ -365,6 +368,8 @@ def prepare_data(args, rt: Dist, tokenizer: str | None, log) -> data.TokenData:
     kwargs = dict(cache_dir=args.cache_dir, vocab_size=args.vocab_size, tokenizer=tokenizer,
                   val_fraction=args.val_fraction, seed=args.seed, doc_chars=args.doc_chars,
                   jsonl_key=args.jsonl_key)
+    if getattr(args, "corpus", None) is not None:  # compare_lm.py's default corpus; train.py's is the stdlib
+        kwargs.update(corpus=args.corpus, corpus_bytes=args.corpus_bytes)
     td, error = None, None
     if rt.main:
         try:
