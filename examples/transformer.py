@@ -4,7 +4,7 @@ Pre-norm blocks as HGRN2's (RMSNorm, token mixer, RMSNorm, SwiGLU MLP), with cau
 attention in place of the recurrence: rotary position embeddings on q and k (RoPE), one SDPA
 call (flash attention on CUDA in bf16). At the same width, depth and MLP size it has the same
 parameter count as HGRN2 (both mixers have four D x D projections; HGRN2 adds its [L, D]
-lower bounds), so the two compare at equal size without tuning.
+lower bounds and a [D] output-norm weight per layer), so the two compare at equal size without tuning.
 
 The interface is the subset of `HGRN2ForCausalLM` the examples use: `forward(input_ids,
 labels)` with the loss computed as HGRN2's (labels shifted inside, -100 ignored, fp32), and
