@@ -48,34 +48,27 @@ NOTES = dict(steps="(default: as many as --time-budget allows, the same for ever
              warmup="(default: a tenth of --steps)", micro_batch_size="(default: --batch-size)")
 
 
-def _models(text: str) -> list[str]:
-    names = text.split(",")
-    bad = [n for n in names if n not in MODELS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown model(s) {bad}; choose from {','.join(MODELS)}")
-    return names
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
     p.add_argument("--out", default="out/compare_lm", help="output folder")
-    p.add_argument("--models", type=_models, default=list(MODELS), metavar="M[,M...]",
+    p.add_argument("--models", type=train.names_arg(MODELS), default=list(MODELS), metavar="M[,M...]",
                    help=f"models to train, in this order, from {','.join(MODELS)} (default: all)")
     g = p.add_argument_group("models (the same for all three)")
-    g.add_argument("--hidden-size", type=int, default=384, help="width D")
-    g.add_argument("--layers", type=int, default=6, help="blocks")
+    g.add_argument("--hidden-size", type=int, default=512, help="width D")
+    g.add_argument("--layers", type=int, default=8, help="blocks")
     g.add_argument("--expand-ratio", type=int, default=128, help="hgrn2's K (hgrn1's is 1)")
     g.add_argument("--head-dim", type=int, default=64, help="the Transformer's attention head size")
     g = p.add_argument_group("data")
     train.add_data_args(g, default_corpus="--corpus-mb of the installed packages' .py sources")
-    g.add_argument("--corpus-mb", type=float, default=32.0, help="size of the default corpus's sample, in MiB")
+    g.add_argument("--corpus-mb", type=float, default=64.0, help="size of the default corpus's sample, in MiB")
     train.add_optimization_args(p.add_argument_group("optimization"), DEFAULTS, NOTES)
     g = p.add_argument_group("run")
     g.add_argument("--time-budget", type=float, default=330.0,
                    help="seconds for the whole script, data preparation included, when --steps is not given")
     g.add_argument("--evals", type=int, default=20, help="validation points per model")
     g.add_argument("--eval-tokens", type=int, default=131072, help="validation tokens per evaluation")
-    g.add_argument("--log-every", type=int, default=10, help="steps between metric writes (each one waits for the device)")
+    g.add_argument("--log-every", type=int, default=10,
+                   help="steps between metric writes (each one waits for the device)")
     g.add_argument("--device", default=None, help="(default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -128,7 +121,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_model(model: nn.Module, corpus: train.Corpus, args, rt: train.Dist, autocast, steps: int = 4) -> tuple[float, float]:
+def time_model(model: nn.Module, corpus: train.Corpus, args, rt: train.Dist, autocast,
+               steps: int = 4) -> tuple[float, float]:
     """Seconds per training step and per evaluation, after two steps that compile the kernels.
     The optimizer's lr is 0: the weights do not move (the model is built again for training)."""
     opt = torch.optim.AdamW(train.param_groups(model, 0.0), lr=0.0)
@@ -206,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                         deadline=deadline, desc=name)
         results[name] = dict(model=name, label=LABELS[name], params=params[name], steps=fit.done,
                              tokens=fit.done * tokens_per_step, stopped_by=fit.stopped_by,
-                             val_loss=fit.val_loss, val_ppl=math.exp(fit.val_loss) if fit.val_loss is not None else None,
+                             val_loss=fit.val_loss,
+                             val_ppl=math.exp(fit.val_loss) if fit.val_loss is not None else None,
                              tok_per_s=round(fit.done * tokens_per_step / max(fit.train_s, 1e-9)),
                              wall_s=round(time.perf_counter() - t_model, 1),
                              curve=[(r["tokens"], r["val_ppl"]) for r in report.read_metrics(metrics.path)

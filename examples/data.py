@@ -4,9 +4,10 @@ The pipeline `prepare()` runs, in order:
 
 1. `read_documents`: `--data` paths (text files, folders of .txt / .jsonl) or, with none, a
    default corpus of Python source: the running interpreter's standard library, or a seeded
-   sample of its installed packages' sources (site-packages; compare_lm.py's default). Every file is read and checked here, so
-   bad data fails before any training starts. Long documents are cut at line boundaries into
-   pieces of at most `doc_chars` characters, so that a single large text file can still be split.
+   sample of its installed packages' sources (site-packages; compare_lm.py's default). Every
+   file is read and checked here, so bad data fails before any training starts. Long documents
+   are cut at line boundaries into pieces of at most `doc_chars` characters, so that a single
+   large text file can still be split.
 2. `split_documents`: train / validation by document, from a seed.
 3. `train_tokenizer`: byte-level BPE on the training split (or a given tokenizer.json).
 4. Tokenize both splits, each document followed by the end-of-text token, into one flat stream
@@ -73,7 +74,8 @@ def site_packages_files(max_bytes: int, seed: int) -> list[Path]:
     of the documents, tells).
     """
     paths = sysconfig.get_paths()
-    roots = {Path(p).resolve() for p in (paths["purelib"], paths["platlib"], *site.getsitepackages()) if Path(p).is_dir()}
+    candidates = (paths["purelib"], paths["platlib"], *site.getsitepackages())
+    roots = {Path(p).resolve() for p in candidates if Path(p).is_dir()}
     files = sorted({f.resolve() for root in roots for f in root.rglob("*.py") if f.is_file()})
     picked, total = [], 0
     for i in np.random.default_rng(seed).permutation(len(files)):

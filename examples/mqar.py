@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however we're launched
 import report  # noqa: E402
-from train import HelpFormatter, param_groups  # noqa: E402
+from train import HelpFormatter, names_arg, param_groups  # noqa: E402
 from transformer import TransformerConfig, TransformerForCausalLM  # noqa: E402
 
 from hgrn2mini import HGRN2Config, HGRN2ForCausalLM  # noqa: E402
@@ -100,31 +100,25 @@ def _settings(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _models(text: str) -> list[str]:
-    names = text.split(",")
-    bad = [n for n in names if n not in MODELS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown model(s) {bad}; choose from {','.join(MODELS)}")
-    return names
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="out/mqar", help="output folder")
     g = p.add_argument_group("the sweep")
-    g.add_argument("--models", type=_models, default=list(MODELS), metavar="M[,M...]",
+    g.add_argument("--models", type=names_arg(MODELS), default=list(MODELS), metavar="M[,M...]",
                    help=f"models, from {','.join(MODELS)} (default: all)")
     g.add_argument("--d-models", type=_int_list, default=[64, 128, 256], metavar="D[,D...]",
                    help="model widths (default: 64,128,256)")
     g.add_argument("--settings", type=_settings, default=[(64, 4), (128, 8), (256, 16), (512, 64)],
-                   metavar="T:N[,T:N...]", help="(sequence length, key-value pairs) (default: 64:4,128:8,256:16,512:64)")
+                   metavar="T:N[,T:N...]",
+                   help="(sequence length, key-value pairs) (default: 64:4,128:8,256:16,512:64)")
     g.add_argument("--lrs", type=_float_list, default=[1e-3, 3e-3, 1e-2], metavar="LR[,LR...]",
                    help="peak learning rates swept per model (default: 1e-3,3e-3,1e-2)")
     g.add_argument("--max-expand", type=int, default=128, help="hgrn2-kmax's expand ratio is min(d_model, this)")
     g = p.add_argument_group("task and training")
     g.add_argument("--vocab-size", type=int, default=8192, help="keys from [1, V/2), values from [V/2, V)")
     g.add_argument("--layers", type=int, default=2, help="blocks per model")
-    g.add_argument("--batch-size", type=int, default=64, help="examples per step")
+    g.add_argument("--batch-tokens", type=int, default=16384,
+                   help="tokens per step: batch_tokens // seq_len examples (256 at length 64, 32 at 512)")
     g.add_argument("--steps", type=int, default=2000, help="most optimizer steps per run")
     g.add_argument("--warmup", type=float, default=0.05, help="share of each run's progress spent warming up")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, on Linear weight matrices")
@@ -145,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("vocab_size", "layers", "batch_size", "steps", "eval_examples", "max_expand"):
+    for name in ("vocab_size", "layers", "batch_tokens", "steps", "eval_examples", "max_expand"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.jobs is not None and args.jobs < 1:
@@ -158,6 +152,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.vocab_size // 2 - 1 < most_pairs:
         parser.error(f"--vocab-size {args.vocab_size} has {args.vocab_size // 2 - 1} keys, fewer than the "
                      f"{most_pairs} pairs of --settings (keys are unique within an example)")
+    longest = max(seq_len for seq_len, _ in args.settings)
+    if args.batch_tokens < longest:
+        parser.error(f"--batch-tokens must be >= the longest sequence of --settings ({longest}), "
+                     f"got {args.batch_tokens}")
     for d in args.d_models:
         for model in args.models:
             K = expand_ratio(model, d, args.max_expand)
@@ -271,6 +269,10 @@ def accuracy(model: nn.Module, test: list[Batch], autocast) -> float:
     return correct / total
 
 
+def batch_size(args, seq_len: int) -> int:
+    return args.batch_tokens // seq_len
+
+
 def train_run(run: Run, args, test: list[Batch], budget_s: float) -> dict:
     """Trains one model at one lr for --steps or budget_s seconds (the first step, which compiles
     the Triton kernels of a new shape, not counted), then measures held-out accuracy."""
@@ -289,7 +291,7 @@ def train_run(run: Run, args, test: list[Batch], budget_s: float) -> dict:
         lr = run.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = mqar_batch(args.batch_size, run.seq_len, run.pairs, args.vocab_size, gen)
+        batch = mqar_batch(batch_size(args, run.seq_len), run.seq_len, run.pairs, args.vocab_size, gen)
         with autocast:
             loss = mqar_loss(answer_logits(model, batch), batch)
         loss.backward()
@@ -305,9 +307,10 @@ def train_run(run: Run, args, test: list[Batch], budget_s: float) -> dict:
         progress = max(step / args.steps, elapsed / max(budget_s - (t_first - t_run), 1e-9))
     train_s = time.perf_counter() - t_run
     acc = accuracy(model, test, autocast)
-    return dict(asdict(run), label=LABELS[run.model], expand_ratio=expand_ratio(run.model, run.d_model, args.max_expand),
+    K = expand_ratio(run.model, run.d_model, args.max_expand)
+    return dict(asdict(run), label=LABELS[run.model], expand_ratio=K,
                 params=sum(p.numel() for p in model.parameters()), steps=step,
-                examples=step * args.batch_size, stopped_by="steps" if step >= args.steps else "time",
+                examples=step * batch_size(args, run.seq_len), stopped_by="steps" if step >= args.steps else "time",
                 train_s=round(train_s, 2), eval_s=round(time.perf_counter() - t_run - train_s, 2),
                 loss_curve=losses, final_loss=losses[-1][1] if losses else None, accuracy=acc)
 
@@ -327,15 +330,14 @@ def grid(args) -> list[Run]:
 
 def test_set(args, seq_len: int, pairs: int) -> list[Batch]:
     gen = torch.Generator(torch.device(args.device)).manual_seed(data_seed(args.seed, seq_len, pairs, held_out=True))
-    sizes = [min(args.batch_size, args.eval_examples - i) for i in range(0, args.eval_examples, args.batch_size)]
+    n = batch_size(args, seq_len)
+    sizes = [min(n, args.eval_examples - i) for i in range(0, args.eval_examples, n)]
     return [mqar_batch(n, seq_len, pairs, args.vocab_size, gen) for n in sizes]
 
 
 def work(args, index: int, jobs: int, t0: float, out_path: Path | None) -> list[dict]:
     """Runs slice `index` of the grid; each run gets an equal share of the time left."""
     torch.set_num_threads(1 if jobs > 1 else torch.get_num_threads())
-    if args.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(args.device))
     mine = grid(args)[index::jobs]
     deadline = t0 + args.time_budget * 0.95  # the rest: the last evaluation and the report
     tests, results = {}, []

@@ -101,7 +101,7 @@ def plot_mqar(best: list[dict], settings: list[tuple[int, int]], labels: dict[st
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (held out)")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     _save(fig, png_path)
 
 

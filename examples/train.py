@@ -75,6 +75,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+def names_arg(choices: tuple[str, ...]):
+    """An argparse type: comma-separated names, each one of `choices`."""
+
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {bad}; choose from {','.join(choices)}")
+        return names
+
+    return parse
+
+
 def _preset_default(key: str) -> str:
     return "(default: --preset's: " + ", ".join(f"{name} {p[key]}" for name, p in PRESETS.items()) + ")"
 
@@ -134,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, key, text in (("--eval-every", "eval_every", "steps between validation runs"),
                             ("--eval-tokens", "eval_tokens", "validation tokens per evaluation"),
                             ("--ckpt-every", "ckpt_every", "steps between checkpoints"),
-                            ("--log-every", "log_every", "steps between metric writes (each one waits for the device)")):
+                            ("--log-every", "log_every",
+                             "steps between metric writes (each one waits for the device)")):
         g.add_argument(flag, type=int, default=None, help=f"{text} {_preset_default(key)}")
     g.add_argument("--stop-at-step", type=int, default=None,
                    help="checkpoint and exit after this step, as if stopped, for time-limited jobs (default: none, run "

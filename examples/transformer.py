@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hgrn2mini.model import HGRN2MLP as MLP  # HGRN2's SwiGLU MLP: it reads hidden_size and intermediate_size
+
 
 @dataclass
 class TransformerConfig:
@@ -76,20 +78,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, D / H]
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, D))
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x)."""
-
-    def __init__(self, config: TransformerConfig):
-        super().__init__()
-        D, I = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(D, I, bias=False)
-        self.up_proj = nn.Linear(D, I, bias=False)
-        self.down_proj = nn.Linear(I, D, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):

@@ -32,7 +32,8 @@ def corpus(tmp_path_factory) -> Path:
 def tiny(corpus: Path, out: Path, *extra: str, steps: str = "4") -> list[str]:
     return ["--data", str(corpus), "--cache-dir", str(out / "cache"), "--out", str(out), "--hidden-size", "32",
             "--layers", "1", "--expand-ratio", "16", "--head-dim", "16", "--vocab-size", "300", "--seq-len", "32",
-            "--batch-size", "4", "--evals", "2", "--eval-tokens", "128", "--device", "cpu", *(["--steps", steps] if steps else []), *extra]
+            "--batch-size", "4", "--evals", "2", "--eval-tokens", "128", "--device", "cpu",
+            *(["--steps", steps] if steps else []), *extra]
 
 
 def test_three_models_same_tokens_same_size(corpus, tmp_path, capsys):
@@ -63,7 +64,7 @@ def test_too_small_a_time_budget_is_an_error(corpus, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--expand-ratio", "7"], "--hidden-size (32) must be divisible by --expand-ratio (7)"),
     (["--head-dim", "3"], "--hidden-size (32) must be divisible by --head-dim (3)"),
-    (["--models", "hgrn2,rwkv"], "--models: unknown model(s) ['rwkv']"),
+    (["--models", "hgrn2,rwkv"], "--models: unknown name(s) ['rwkv']"),
     (["--batch-size", "6", "--micro-batch-size", "4"], "--batch-size (6) must be a multiple of --micro-batch-size (4)"),
     (["--evals", "0"], "--evals must be >= 1, got 0"),
 ])
