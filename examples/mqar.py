@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of wall time for the whole sweep; each run trains for its share of it")
     g.add_argument("--jobs", type=int, default=None,
                    help="worker processes sharing the device (default: 16 on CUDA, 1 on CPU)")
-    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--device", default=None, help="(default: cuda if available, else cpu)")
     # Internal: how the parent process starts a worker.
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
@@ -369,6 +369,13 @@ def launch(args, argv: list[str], t0: float, out: Path) -> list[dict]:
         log = open(out / "logs" / f"worker-{i:02d}.log", "w")
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", str(i), "--t0", repr(t0)]
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, part))
+    reported = 0
+    while any(proc.poll() is None for proc, _, _ in procs):  # progress: runs finished so far
+        time.sleep(5)
+        finished = sum(len(part.read_text().splitlines()) for _, _, part in procs if part.is_file())
+        if finished != reported:
+            reported = finished
+            print(f"{finished}/{len(grid(args))} runs done, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     results = []
     for i, (proc, log, part) in enumerate(procs):
         proc.wait()

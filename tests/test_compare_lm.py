@@ -102,3 +102,17 @@ def test_site_packages_sample_is_seeded_and_capped():
     assert a == b and a and all(f.suffix == ".py" for f in a)
     assert sum(f.stat().st_size for f in a) <= cap
     assert data.site_packages_files(cap, seed=1) != a
+
+
+@pytest.mark.gpu
+def test_time_budget_sets_one_step_count_on_the_gpu(corpus, tmp_path):
+    """Without --steps: every model timed, then all three train the same number of steps, bf16 on
+    CUDA (HGRN2 at K = 16 on the Triton path, K = 1 on the PyTorch path, SDPA)."""
+    args = [a if a != "cpu" else "cuda" for a in tiny(corpus, tmp_path, "--hidden-size", "64", "--time-budget", "40",
+                                                        steps="")]
+    assert compare_lm.main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    steps = {m["steps"] for m in result["models"]}
+    assert len(steps) == 1 and steps.pop() >= 10
+    assert all(m["stopped_by"] is None and math.isfinite(m["val_ppl"]) for m in result["models"])
+    assert result["meta"]["wall_s"] < 40 * 1.3

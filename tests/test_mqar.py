@@ -4,12 +4,13 @@ only, a tiny sweep in one process and in two worker processes, and clear errors 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -27,7 +28,6 @@ def tasks(draw):
     return draw(st.integers(1, 6)), seq_len, pairs, vocab, draw(st.integers(0, 2**31))
 
 
-@settings(max_examples=60, deadline=None)
 @given(tasks())
 def test_examples_are_well_formed(task):
     n, seq_len, pairs, vocab, seed = task
@@ -128,3 +128,15 @@ def test_bad_arguments_name_the_argument(tmp_path, capsys, extra, message):
         mqar.main(tiny(tmp_path, *extra))
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_every_model_trains_on_the_gpu(tmp_path):
+    """bf16 on CUDA in two worker processes: the Triton path (K = 16 and 64), the PyTorch path
+    (K = 1) and SDPA, at the shortest and the longest default setting."""
+    args = ["--out", str(tmp_path), "--d-models", "64", "--settings", "64:4,512:64", "--lrs", "3e-3", "--steps", "30",
+            "--eval-examples", "200", "--device", "cuda", "--jobs", "2", "--time-budget", "300"]
+    assert mqar.main(args) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert len(runs) == 4 * 2
+    assert all(r["steps"] == 30 and math.isfinite(r["final_loss"]) and 0 <= r["accuracy"] <= 1 for r in runs)
