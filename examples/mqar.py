@@ -117,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("task and training")
     g.add_argument("--vocab-size", type=int, default=8192, help="keys from [1, V/2), values from [V/2, V)")
     g.add_argument("--layers", type=int, default=2, help="blocks per model")
-    g.add_argument("--batch-tokens", type=int, default=16384,
-                   help="tokens per step: batch_tokens // seq_len examples (256 at length 64, 32 at 512)")
+    # Many small steps share the device at once; a step's kernels are mostly too small to fill
+    # it, so a larger batch costs little more device time and gives each step more examples.
+    g.add_argument("--batch-tokens", type=int, default=32768,
+                   help="tokens per step: batch_tokens // seq_len examples (512 at length 64, 64 at 512)")
     g.add_argument("--steps", type=int, default=2000, help="most optimizer steps per run")
     g.add_argument("--warmup", type=float, default=0.05, help="share of each run's progress spent warming up")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, on Linear weight matrices")
