@@ -4,9 +4,9 @@
     python examples/compare_lm.py --data corpus/ --steps 2000   # your text, a fixed length
 
 The three models have the same width, depth and MLP, hence the same parameter count (within
-0.1%: HGRN2's lower bounds and output norms), and train on the same tokens in the same order with the same
-schedule and seed, through train.py's pipeline (data.py's documents, split, BPE and packed
-batches; train.py's optimizer, schedule, loop and evaluation). Default corpus: a seeded sample
+0.1%: HGRN2's lower bounds and output norms), and train on the same tokens in the same order
+with the same schedule and seed, through train.py's pipeline (data.py's documents, split, BPE
+and packed batches; train.py's optimizer, schedule, loop and evaluation). Default corpus: a seeded sample
 of --corpus-mb of the installed Python packages' sources (site-packages), split by document.
 
 Without --steps the run length comes from --time-budget: each model's step and evaluation are

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -104,6 +103,3 @@ def plot_mqar(best: list[dict], settings: list[tuple[int, int]], labels: dict[st
     fig.suptitle(title, y=1.04)
     _save(fig, png_path)
 
-
-def fmt_ppl(loss: float | None) -> str:
-    return "-" if loss is None else f"{math.exp(loss):.2f}"
