@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("task and training")
     g.add_argument("--vocab-size", type=int, default=8192, help="keys from [1, V/2), values from [V/2, V)")
     g.add_argument("--layers", type=int, default=2, help="blocks per model")
+    g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="output head = embedding matrix: an answer is a token seen earlier in the example, "
+                        "so tied, recall is a copy of its embedding (several times faster to learn in short "
+                        "runs; every model the same)")
     # Many small steps share the device at once; a step's kernels are mostly too small to fill
     # it, so a larger batch costs little more device time and gives each step more examples.
     g.add_argument("--batch-tokens", type=int, default=32768,
@@ -234,9 +238,10 @@ def build_model(model: str, d_model: int, args) -> nn.Module:
     K = expand_ratio(model, d_model, args.max_expand)
     if K is None:
         heads = d_model // min(64, d_model)  # head dim 64, as in zoology's attention baselines
-        return TransformerForCausalLM(TransformerConfig(args.vocab_size, d_model, args.layers, heads))
-    return HGRN2ForCausalLM(HGRN2Config(vocab_size=args.vocab_size, hidden_size=d_model,
-                                        num_hidden_layers=args.layers, expand_ratio=K))
+        return TransformerForCausalLM(TransformerConfig(args.vocab_size, d_model, args.layers, heads,
+                                                        tie_word_embeddings=args.tie_embeddings))
+    return HGRN2ForCausalLM(HGRN2Config(vocab_size=args.vocab_size, hidden_size=d_model, num_hidden_layers=args.layers,
+                                        expand_ratio=K, tie_word_embeddings=args.tie_embeddings))
 
 
 # ---------------------------------------------------------------------------------------------

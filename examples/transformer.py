@@ -34,6 +34,7 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     initializer_range: float = 0.02
+    tie_word_embeddings: bool = False  # the output head is the embedding matrix
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads"):
@@ -122,6 +123,8 @@ class TransformerForCausalLM(nn.Module):
         for m in self.modules():  # the same init as HGRN2's: normal(0, 0.02), norms ones
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=config.initializer_range)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Output:
         if input_ids.dim() != 2:

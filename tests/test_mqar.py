@@ -140,3 +140,12 @@ def test_every_model_trains_on_the_gpu(tmp_path):
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert len(runs) == 4 * 2
     assert all(r["steps"] == 30 and math.isfinite(r["final_loss"]) and 0 <= r["accuracy"] <= 1 for r in runs)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_models_share_width_depth_and_the_tied_head(tie):
+    args = mqar.parse_args(["--d-models", "32", "--device", "cpu"] + ([] if tie else ["--no-tie-embeddings"]))
+    for name in mqar.MODELS:
+        model = mqar.build_model(name, 32, args)
+        assert model.model.embeddings.weight.shape == (8192, 32) and len(model.model.layers) == 2
+        assert (model.lm_head.weight is model.model.embeddings.weight) == tie
