@@ -17,6 +17,7 @@ Models, 2 layers each (--layers) at every width in --d-models:
     hgrn2-k16   HGRN2 at expand_ratio 16
     hgrn2-kmax  HGRN2 at expand_ratio min(d_model, --max-expand): 128 as in the paper
     attention   softmax attention (RoPE, SDPA, causal; examples/transformer.py), same blocks and MLP
+The output head of every model is its embedding matrix (--no-tie-embeddings unties them).
 
 Each (model, width, setting) is trained at every learning rate of --lrs and the best accuracy is
 reported. The runs are spread over --jobs processes sharing the device; every run stops at
