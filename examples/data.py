@@ -2,10 +2,12 @@
 
 The pipeline `prepare()` runs, in order:
 
-1. `read_documents`: `--data` paths (text files, folders of .txt / .jsonl) or, with none, the
-   standard library source of the running interpreter. Every file is read and checked here, so
-   bad data fails before any training starts. Long documents are cut at line boundaries into
-   pieces of at most `doc_chars` characters, so that a single large text file can still be split.
+1. `read_documents`: `--data` paths (text files, folders of .txt / .jsonl) or, with none, a
+   default corpus of Python source: the running interpreter's standard library, or a seeded
+   sample of its installed packages' sources (site-packages; compare_lm.py's default). Every
+   file is read and checked here, so bad data fails before any training starts. Long documents
+   are cut at line boundaries into pieces of at most `doc_chars` characters, so that a single
+   large text file can still be split.
 2. `split_documents`: train / validation by document, from a seed.
 3. `train_tokenizer`: byte-level BPE on the training split (or a given tokenizer.json).
 4. Tokenize both splits, each document followed by the end-of-text token, into one flat stream
@@ -20,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import site
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +63,27 @@ def stdlib_files() -> list[Path]:
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
     files = [p for p in root.rglob("*.py") if not (skip & set(p.relative_to(root).parts)) and p.is_file()]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def site_packages_files(max_bytes: int, seed: int) -> list[Path]:
+    """A seeded random sample of the installed packages' .py files, up to max_bytes in all.
+
+    Hundreds of MB of real code on a machine with torch installed, no download; sampled rather
+    than taken in order so that a cap still spans many packages. The sample depends on what is
+    installed, so runs on two machines compare only with the same packages (the cache key, a hash
+    of the documents, tells).
+    """
+    paths = sysconfig.get_paths()
+    candidates = (paths["purelib"], paths["platlib"], *site.getsitepackages())
+    roots = {Path(p).resolve() for p in candidates if Path(p).is_dir()}
+    files = sorted({f.resolve() for root in roots for f in root.rglob("*.py") if f.is_file()})
+    picked, total = [], 0
+    for i in np.random.default_rng(seed).permutation(len(files)):
+        size = files[i].stat().st_size
+        if size and total + size <= max_bytes:
+            picked.append(files[i])
+            total += size
+    return sorted(picked)
 
 
 def _decode_text(path: Path, raw: bytes) -> str:
@@ -122,9 +146,11 @@ def _pieces(doc: Document, doc_chars: int) -> list[Document]:
 
 
 def read_documents(
-    data: list[str] | None, doc_chars: int = 100_000, jsonl_key: str = "text"
+    data: list[str] | None, doc_chars: int = 100_000, jsonl_key: str = "text", corpus: str = "stdlib",
+    corpus_bytes: int = 32 << 20, seed: int = 0,
 ) -> list[Document]:
-    """Read and check every input; raises DataError naming the file (and line) on bad input."""
+    """Read and check every input; raises DataError naming the file (and line) on bad input.
+    Without `data`, the default corpus: "stdlib" or "site-packages" (corpus_bytes of it, from seed)."""
     if data:
         files = [f for arg in data for f in _expand(arg)]
         docs = []
@@ -136,13 +162,17 @@ def read_documents(
                 docs.append(Document(str(f), _decode_text(f, raw)))
         what = f"--data {' '.join(data)}"
     else:
+        if corpus not in ("stdlib", "site-packages"):
+            raise ValueError(f"corpus must be 'stdlib' or 'site-packages', got {corpus!r}")
         docs = []
-        for f in stdlib_files():
+        files = stdlib_files() if corpus == "stdlib" else site_packages_files(corpus_bytes, seed)
+        for f in files:
             try:
                 docs.append(Document(str(f), f.read_text(encoding="utf-8")))
             except UnicodeDecodeError:
-                pass  # a handful of stdlib test fixtures are deliberately in other encodings
-        what = f"the standard library at {sysconfig.get_paths()['stdlib']}"
+                pass  # a handful of source files (test fixtures) are deliberately in other encodings
+        what = (f"the standard library at {sysconfig.get_paths()['stdlib']}" if corpus == "stdlib"
+                else "the installed packages' sources (site-packages)")
     docs = [p for d in docs if d.text.strip() for p in _pieces(d, doc_chars)]
     if not docs:
         raise DataError(f"--data: no non-empty documents found in {what}")
@@ -267,10 +297,12 @@ def prepare(
     seed: int = 0,
     doc_chars: int = 100_000,
     jsonl_key: str = "text",
+    corpus: str = "stdlib",
+    corpus_bytes: int = 32 << 20,
     log=print,
 ) -> TokenData:
     """Documents -> split -> tokenizer -> cached token streams (see the module docstring)."""
-    docs = read_documents(data, doc_chars, jsonl_key)
+    docs = read_documents(data, doc_chars, jsonl_key, corpus, corpus_bytes, seed)
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     cache = Path(cache_dir)
     if tokenizer is not None:

@@ -6,8 +6,9 @@
 
 With no arguments it trains the tiny preset on the Python standard library's source (no
 download), on a 2-core CPU in under ten minutes, and ends with the validation perplexity, the
-unigram baseline it must beat, and a sample. Outputs go to --out-dir: tokenizer.json, metrics.jsonl
-and checkpoints (see checkpoints.py); stop with Ctrl-C and continue with --resume.
+unigram baseline it must beat, and a sample. Outputs go to --out-dir: tokenizer.json, metrics.jsonl,
+loss.png (training and validation loss, redrawn at every evaluation) and checkpoints (see
+checkpoints.py); stop with Ctrl-C and continue with --resume.
 
 Data parallel: under torchrun every rank computes the same global batch (a function of the
 seed and the step) and trains on its own contiguous rows of it; DDP averages the gradients.
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 import checkpoints  # noqa: E402
 import data  # noqa: E402
 import generate  # noqa: E402
+import report  # noqa: E402
 
 from hgrn2mini import HGRN2Config, HGRN2ForCausalLM  # noqa: E402
 from hgrn2mini.checkpoint import atomic_write_bytes  # noqa: E402
@@ -64,55 +66,104 @@ RESUME_KEYS = ("preset", "seq_len", "batch_size", "steps", "lr", "min_lr_ratio",
 DEFAULT_PROMPT = "def fibonacci(n):\n"  # fits the default corpus; with --data, a sample starts a new document
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model size and training defaults")
-    g = p.add_argument_group("data")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every option's default; an option whose help says its default keeps that text."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def names_arg(choices: tuple[str, ...]):
+    """An argparse type: comma-separated names, each one of `choices`."""
+
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {bad}; choose from {','.join(choices)}")
+        return names
+
+    return parse
+
+
+def _preset_default(key: str) -> str:
+    return "(default: --preset's: " + ", ".join(f"{name} {p[key]}" for name, p in PRESETS.items()) + ")"
+
+
+def add_data_args(g, default_corpus: str = "the Python standard library") -> None:
+    """Options of data.prepare(), shared with compare_lm.py."""
     g.add_argument("--data", nargs="*", default=None,
-                   help="text files, .jsonl files, folders of them (default: the Python standard library)")
+                   help=f"text files, .jsonl files, folders of them (default: {default_corpus})")
     g.add_argument("--jsonl-key", default="text", help="field holding the text in .jsonl lines")
     g.add_argument("--tokenizer", default=None, help="existing tokenizer.json (default: train a byte-level BPE)")
-    g.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary to train")
     g.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
     g.add_argument("--doc-chars", type=int, default=100_000, help="longer documents are cut at lines")
     g.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "hgrn2mini"),
                    help="tokenized data and trained tokenizers, reused when the inputs are unchanged")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--seq-len", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=None, help="global batch, in sequences")
-    g.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward on each rank")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+
+
+def add_optimization_args(g, defaults: dict | None = None, notes: dict | None = None) -> None:
+    """The schedule and optimizer options, shared with compare_lm.py. Without `defaults`, the
+    options that a preset sets default to None and their help names the presets' values; `notes`
+    replaces the shown default of an option where its value is decided later."""
+
+    def default(key):
+        if defaults is None:
+            return None, _preset_default(key)
+        return defaults[key], (notes or {}).get(key, "")
+
+    for flag, key, kind, text in (
+        ("--vocab-size", "vocab_size", int, "BPE vocabulary to train"),
+        ("--seq-len", "seq_len", int, "tokens per sequence"),
+        ("--batch-size", "batch_size", int, "global batch, in sequences"),
+        ("--micro-batch-size", "micro_batch_size", int, "sequences per forward on each rank"),
+        ("--steps", "steps", int, "optimizer steps"),
+        ("--lr", "lr", float, "peak learning rate"),
+        ("--warmup", "warmup", int, "linear warm-up steps (a preset's: at most a tenth of --steps)"),
+    ):
+        value, help_default = default(key)
+        g.add_argument(flag, type=kind, default=value, help=f"{text} {help_default}".strip())
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
-    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
     g.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
                    help="after warm-up: cosine decay, or warmup-stable-decay (linear decay at the end)")
     g.add_argument("--decay-fraction", type=float, default=0.2, help="WSD: share of steps spent decaying")
     g.add_argument("--weight-decay", type=float, default=0.1, help="on Linear weight matrices only")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW's beta1")
+    g.add_argument("--beta2", type=float, default=0.95, help="AdamW's beta2")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     g.add_argument("--seed", type=int, default=0, help="split, data order and initialization")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model size and training defaults")
+    add_data_args(p.add_argument_group("data"))
+    add_optimization_args(p.add_argument_group("optimization"))
     g = p.add_argument_group("run")
-    g.add_argument("--out-dir", default=None, help="default: out/<preset>")
+    g.add_argument("--out-dir", default=None, help="(default: out/<preset>)")
     g.add_argument("--resume", action="store_true", help="continue from --out-dir's latest checkpoint")
-    g.add_argument("--eval-every", type=int, default=None, help="steps between validation runs")
-    g.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per evaluation")
-    g.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints")
-    g.add_argument("--log-every", type=int, default=None,
-                   help="steps between metric writes (each one waits for the device)")
+    for flag, key, text in (("--eval-every", "eval_every", "steps between validation runs"),
+                            ("--eval-tokens", "eval_tokens", "validation tokens per evaluation"),
+                            ("--ckpt-every", "ckpt_every", "steps between checkpoints"),
+                            ("--log-every", "log_every",
+                             "steps between metric writes (each one waits for the device)")):
+        g.add_argument(flag, type=int, default=None, help=f"{text} {_preset_default(key)}")
     g.add_argument("--stop-at-step", type=int, default=None,
-                   help="checkpoint and exit after this step, as if stopped (for time-limited jobs)")
-    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+                   help="checkpoint and exit after this step, as if stopped, for time-limited jobs (default: none, run "
+                        "to --steps)")
+    g.add_argument("--device", default=None, help="(default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--compile", choices=["auto", "model", "regions", "off"], default="auto",
-                   help="torch.compile each block on its own (regions: at 374M on an H100 the "
-                        "first step in 26-44 s against 154-172 s for the whole model, for a few %% "
-                        "fewer tokens/s), the whole model, or not at all; auto: regions on CUDA, off "
-                        "on CPU")
+                   help="torch.compile each block on its own (regions: a much shorter first step than the "
+                        "whole model's, for a few %% fewer tokens/s), the whole model, or not at all; auto: "
+                        "regions on CUDA, off on CPU")
     g.add_argument("--no-compile", action="store_true", help="same as --compile off")
-    g.add_argument("--prompt", default=None, help="prompt of the final sample")
+    g.add_argument("--prompt", default=None,
+                   help=f"prompt of the final sample (default: {DEFAULT_PROMPT!r} on the default corpus, "
+                        f"none with --data)")
     g.add_argument("--sample-tokens", type=int, default=120, help="length of the final sample (0: none)")
     return p
 
@@ -264,10 +315,11 @@ def evaluate(model: nn.Module, seqs: np.ndarray, micro_batch: int, rt: Dist, aut
 
 
 class Metrics:
-    """metrics.jsonl, one JSON object a line, written by rank 0 only."""
+    """metrics.jsonl, one JSON object a line, and its plot loss.png beside it; written by rank 0 only."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
+        self.png = path.with_name("loss.png")
         if enabled and resume_step is not None and path.is_file():
             # Steps after the checkpoint will be run (and logged) again: drop their old lines.
             records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -281,6 +333,11 @@ class Metrics:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def plot(self) -> None:
+        """Training and validation loss so far, as loss.png."""
+        if self.enabled:
+            report.plot_losses(self.path, self.png)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +382,8 @@ def prepare_data(args, rt: Dist, tokenizer: str | None, log) -> data.TokenData:
     kwargs = dict(cache_dir=args.cache_dir, vocab_size=args.vocab_size, tokenizer=tokenizer,
                   val_fraction=args.val_fraction, seed=args.seed, doc_chars=args.doc_chars,
                   jsonl_key=args.jsonl_key)
+    if getattr(args, "corpus", None) is not None:  # compare_lm.py's default corpus; train.py's is the stdlib
+        kwargs.update(corpus=args.corpus, corpus_bytes=args.corpus_bytes)
     td, error = None, None
     if rt.main:
         try:
@@ -353,15 +412,124 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
+@dataclass
+class Corpus:
+    """The token data of a run: what load_data gives train.py and compare_lm.py."""
+
+    td: data.TokenData
+    batches: data.PackedBatches  # global batch i: a function of (seed, i)
+    val_seqs: np.ndarray  # [N, seq_len], the validation sequences evaluated
+    unigram: float  # the unigram baseline's validation perplexity
+    n_train_seqs: int
+
+
+def load_data(args, rt: Dist, tokenizer: str | None, log) -> Corpus:
+    """Documents to packed train / validation sequences (data.prepare), and the unigram baseline.
+    Raises data.DataError on bad input."""
+    td = prepare_data(args, rt, tokenizer, log)
+    train_seqs = data.pack(td.train, args.seq_len, "train")
+    val_seqs = data.pack(td.val, args.seq_len, "validation")
+    val_seqs = val_seqs[: max(1, math.ceil(args.eval_tokens / args.seq_len))]
+    unigram = data.unigram_perplexity(td.train, val_seqs[:, 1:], td.tokenizer.get_vocab_size())
+    log(f"data: {len(td.train):,} train tokens ({td.n_train_docs} docs, {len(train_seqs)} sequences of "
+        f"{args.seq_len}), {len(td.val):,} validation tokens ({td.n_val_docs} docs; {val_seqs.size:,} evaluated)")
+    log(f"unigram baseline: validation perplexity {unigram:.1f} (training-split token frequencies, add-one)")
+    return Corpus(td, data.PackedBatches(train_seqs, args.batch_size, args.seed), val_seqs, unigram, len(train_seqs))
+
+
+def make_optimizer(model: nn.Module, args, device: torch.device):
+    """AdamW (weight decay on Linear weights only) and the warm-up + decay schedule of args."""
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(args.beta1, args.beta2),
+                            fused=device.type == "cuda")
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args))
+
+
+def autocast_for(args, device: torch.device):
+    """bf16 autocast (default on CUDA) or none (fp32, default on CPU)."""
+    use_bf16 = (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16"
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+@dataclass
+class FitResult:
+    val_loss: float | None  # the last evaluation's, None if none ran
+    done: int  # optimizer steps done
+    stopped_by: str | None  # why it stopped before args.steps: a signal, --stop-at-step, the deadline
+    train_s: float  # time in training steps (evaluations and checkpoints not counted)
+
+
+def fit(train_model, model, opt, sched, corpus: Corpus, args, rt: Dist, autocast, metrics: Metrics, *,
+        t_start: float, start: int = 0, stop: StopSignal | None = None, save=None, deadline: float | None = None,
+        desc: str | None = None) -> FitResult:
+    """The training loop from step `start` to args.steps: metrics every args.log_every steps (one host
+    sync each), evaluation (and the loss plot) every args.eval_every, `save(step)` every
+    args.ckpt_every and when stopped. Stops early on a signal (`stop`), at args.stop_at_step, or
+    once time.perf_counter() passes `deadline`."""
+    accum = args.batch_size // (rt.world * args.micro_batch_size)
+    tokens_per_step = args.batch_size * args.seq_len
+    stop_at = getattr(args, "stop_at_step", None)
+    bar = tqdm(total=args.steps, initial=start, disable=not rt.main, unit="step", dynamic_ncols=True, desc=desc)
+    pending = []  # (step, loss, grad_norm, lr), the tensors left on the device until the next write
+    val_loss, stopped_by, done, train_s = None, None, start, 0.0
+    t_last, step_last = time.perf_counter(), start
+    for step in range(start, args.steps):
+        rows = data.shard(corpus.batches.global_batch(step), rt.rank, rt.world)  # [B / world, T]
+        lr = sched.get_last_lr()[0]
+        loss, grad_norm = train_step(train_model, model, opt, rows, args, accum, autocast, rt)
+        sched.step()
+        done = step + 1
+        bar.update(1)
+        pending.append((done, loss, grad_norm, lr))
+
+        last = done == args.steps
+        late = deadline is not None and time.perf_counter() > deadline
+        if not (last or late or done == stop_at
+                or any(done % every == 0 for every in (args.log_every, args.eval_every, args.ckpt_every))):
+            continue
+        # The one host sync of the interval: losses, gradient norms and every rank's stop flag.
+        losses, grad_norms, stop_requested = gather_interval(pending, stop is not None and stop.signum is not None, rt)
+        now = time.perf_counter()
+        train_s += now - t_last
+        tok_s = tokens_per_step * (done - step_last) / (now - t_last)
+        # Peak memory on this rank so far (CUDA): what decides the largest micro-batch.
+        mem = {"peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3)} if rt.device.type == "cuda" else {}
+        for (s, _, _, lr_s), loss_s, gn in zip(pending, losses, grad_norms):
+            metrics.write(kind="train", step=s, loss=loss_s, lr=lr_s, grad_norm=gn, tokens=s * tokens_per_step,
+                          epoch=round(corpus.batches.epochs(s), 4), tok_per_s=round(tok_s),
+                          elapsed_s=round(now - t_start, 2), **mem)
+        pending.clear()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        if stop_requested or done == stop_at or late:
+            stopped_by = (signal.Signals(stop.signum).name if stop is not None and stop.signum
+                          else "a signal to another rank" if stop_requested
+                          else "--stop-at-step" if done == stop_at else "the time budget")
+        if done % args.eval_every == 0 or last or late:
+            val_loss = evaluate(model, corpus.val_seqs, args.micro_batch_size, rt, autocast)
+            metrics.write(kind="eval", step=done, val_loss=val_loss, val_ppl=math.exp(val_loss),
+                          tokens=done * tokens_per_step)
+            if rt.main:
+                tqdm.write(f"step {done}: validation loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}",
+                           file=sys.stderr)
+            metrics.plot()
+        if stopped_by is not None:
+            if save is not None:
+                save(done)
+            metrics.plot()
+            break
+        if save is not None and (done % args.ckpt_every == 0 or last):
+            save(done)
+        t_last, step_last = time.perf_counter(), done  # evaluation and checkpoints are not training time
+    bar.close()
+    return FitResult(val_loss, done, stopped_by, train_s)
+
+
 def run(parser, args, rt: Dist, t_start: float) -> int:
     log = (lambda *a: tqdm.write(" ".join(map(str, a)), file=sys.stderr)) if rt.main else (lambda *a: None)
     out = Path(args.out_dir)
     if args.batch_size % (rt.world * args.micro_batch_size):
         parser.error(f"--batch-size ({args.batch_size}) must be a multiple of world size ({rt.world}) x "
                      f"--micro-batch-size ({args.micro_batch_size})")
-    accum = args.batch_size // (rt.world * args.micro_batch_size)
-    use_bf16 = (args.dtype or ("bfloat16" if rt.device.type == "cuda" else "float32")) == "bfloat16"
-    autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    autocast = autocast_for(args, rt.device)
 
     # -- resume: what the checkpoint says ------------------------------------------------------
     ckpt, state = None, None
@@ -380,29 +548,22 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
     # -- data --------------------------------------------------------------------------------------
     tokenizer_path = args.tokenizer or (str(ckpt / checkpoints.TOKENIZER) if ckpt else None)
     try:
-        td = prepare_data(args, rt, tokenizer_path, log)
-        train_seqs = data.pack(td.train, args.seq_len, "train")
-        val_seqs = data.pack(td.val, args.seq_len, "validation")
+        corpus = load_data(args, rt, tokenizer_path, log)
     except data.DataError as e:
         parser.error(str(e))
+    td = corpus.td
     if state is not None and state["data_key"] != td.key:
         parser.error(f"--resume: the data or tokenizer changed since the checkpoint "
                      f"(key {state['data_key']} then, {td.key} now)")
-    val_seqs = val_seqs[: max(1, math.ceil(args.eval_tokens / args.seq_len))]
-    batches = data.PackedBatches(train_seqs, args.batch_size, args.seed)
     vocab = td.tokenizer.get_vocab_size()
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / checkpoints.TOKENIZER, td.tokenizer.to_str().encode())
-    unigram = data.unigram_perplexity(td.train, val_seqs[:, 1:], vocab)
-    log(f"data: {len(td.train):,} train tokens ({td.n_train_docs} docs, {len(train_seqs)} sequences of "
-        f"{args.seq_len}), {len(td.val):,} validation tokens ({td.n_val_docs} docs; {val_seqs.size:,} evaluated)")
-    log(f"unigram baseline: validation perplexity {unigram:.1f} (training-split token frequencies, add-one)")
 
     # -- model and optimizer ---------------------------------------------------------------------
     # Padded to a multiple of 64 for the matmul shapes; the extra rows are never a target. The loss
     # without the [tokens, vocab] logits (`fuse_linear_cross_entropy`): 1.7 GB less peak memory at
-    # 374M, 8 x 2048 tokens, at the same speed (H100, 2026-11-24, benchmarks/RESULTS.md).
+    # 374M, 8 x 2048 tokens, at the same speed (H100, 2026-11-24).
     config = HGRN2Config.from_preset(args.preset, vocab_size=64 * math.ceil(vocab / 64), fuse_linear_cross_entropy=True)
     torch.manual_seed(args.seed)
     if ckpt is not None:
@@ -415,12 +576,11 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
     else:
         model = HGRN2ForCausalLM(config).to(rt.device)
     n_params = sum(p.numel() for p in model.parameters())
+    accum = args.batch_size // (rt.world * args.micro_batch_size)
     log(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}; "
         f"{rt.world} process(es) on {rt.device.type}, batch {args.batch_size} x {args.seq_len} = "
         f"{args.batch_size * args.seq_len:,} tokens/step ({accum} micro-batch(es) of {args.micro_batch_size} per rank)")
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(args.beta1, args.beta2),
-                            fused=rt.device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args))
+    opt, sched = make_optimizer(model, args, rt.device)
     start = 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -449,7 +609,7 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
     metrics = Metrics(out / "metrics.jsonl", rt.main, start if state else None)
     if rt.main and state is None:
         metrics.write(kind="config", step=0, args=vars(args), params=n_params, world=rt.world,
-                      unigram_ppl=unigram)
+                      unigram_ppl=corpus.unigram)
 
     def save(step: int) -> None:
         if not rt.main:
@@ -468,66 +628,25 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
         log(f"checkpoint: {path}")
 
     # -- the loop ------------------------------------------------------------------------------------
-    tokens_per_step = args.batch_size * args.seq_len
-    bar = tqdm(total=args.steps, initial=start, disable=not rt.main, unit="step", dynamic_ncols=True)
-    pending = []  # (step, loss, grad_norm, lr), the tensors left on the device until the next write
-    val_loss, stopped_by, done = None, None, start
-    t_last, step_last = time.perf_counter(), start
     with StopSignal() as stop:
-        for step in range(start, args.steps):
-            rows = data.shard(batches.global_batch(step), rt.rank, rt.world)  # [B / world, T]
-            lr = sched.get_last_lr()[0]
-            loss, grad_norm = train_step(train_model, model, opt, rows, args, accum, autocast, rt)
-            sched.step()
-            done = step + 1
-            bar.update(1)
-            pending.append((done, loss, grad_norm, lr))
-
-            last = done == args.steps
-            if not (last or done == args.stop_at_step
-                    or any(done % every == 0 for every in (args.log_every, args.eval_every, args.ckpt_every))):
-                continue
-            # The one host sync of the interval: losses, gradient norms and every rank's stop flag.
-            losses, grad_norms, stop_requested = gather_interval(pending, stop.signum is not None, rt)
-            now = time.perf_counter()
-            tok_s = tokens_per_step * (done - step_last) / (now - t_last)
-            # Peak memory on this rank so far (CUDA): what decides the largest micro-batch.
-            mem = {"peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3)} if rt.device.type == "cuda" else {}
-            for (s, _, _, lr_s), loss_s, gn in zip(pending, losses, grad_norms):
-                metrics.write(kind="train", step=s, loss=loss_s, lr=lr_s, grad_norm=gn, tokens=s * tokens_per_step,
-                              epoch=round(batches.epochs(s), 4), tok_per_s=round(tok_s),
-                              elapsed_s=round(now - t_start, 2), **mem)
-            pending.clear()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            if done % args.eval_every == 0 or last:
-                val_loss = evaluate(model, val_seqs, args.micro_batch_size, rt, autocast)
-                metrics.write(kind="eval", step=done, val_loss=val_loss, val_ppl=math.exp(val_loss))
-                log(f"step {done}: validation loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
-            if stop_requested or done == args.stop_at_step:
-                stopped_by = (signal.Signals(stop.signum).name if stop.signum
-                              else "a signal to another rank" if stop_requested else "--stop-at-step")
-                save(done)
-                break
-            if done % args.ckpt_every == 0 or last:
-                save(done)
-            t_last, step_last = time.perf_counter(), done  # evaluation and checkpoints are not training time
-    bar.close()
-
-    if stopped_by is not None:
-        log(f"stopped by {stopped_by} after step {done}; continue with the same command and --resume")
+        result = fit(train_model, model, opt, sched, corpus, args, rt, autocast, metrics, t_start=t_start,
+                     start=start, stop=stop, save=save)
+    val_loss = result.val_loss
+    if result.stopped_by is not None:
+        log(f"stopped by {result.stopped_by} after step {result.done}; continue with the same command and --resume")
         return 0
     if val_loss is None:  # resumed from the final checkpoint: nothing left to train
-        val_loss = evaluate(model, val_seqs, args.micro_batch_size, rt, autocast)
+        val_loss = evaluate(model, corpus.val_seqs, args.micro_batch_size, rt, autocast)
 
     # -- the end: perplexity against the baseline, a sample ---------------------------------------------
     wall = time.perf_counter() - t_start
     weights_identical = ranks_agree(model, rt) if rt.world > 1 else None
     ppl = math.exp(val_loss)
-    metrics.write(kind="final", step=args.steps, val_ppl=ppl, unigram_ppl=unigram, wall_s=round(wall, 1),
+    metrics.write(kind="final", step=args.steps, val_ppl=ppl, unigram_ppl=corpus.unigram, wall_s=round(wall, 1),
                   ranks_weights_identical=weights_identical)
     if rt.main:
-        print(f"\nvalidation perplexity {ppl:.2f} (unigram baseline {unigram:.1f}) after {args.steps} steps, "
-              f"{wall / 60:.1f} min", flush=True)
+        print(f"\nvalidation perplexity {ppl:.2f} (unigram baseline {corpus.unigram:.1f}) after {args.steps} steps, "
+              f"{wall / 60:.1f} min; loss plot: {metrics.png}", flush=True)
         if args.sample_tokens > 0:
             prompt = args.prompt if args.prompt is not None else (DEFAULT_PROMPT if not args.data else "")
             print("sample:\n" + prompt, end="", flush=True)

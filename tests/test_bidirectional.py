@@ -198,8 +198,8 @@ def test_bad_arguments():
         model(ids, labels=ids)
     with pytest.raises(TypeError, match="labels must be an integer tensor of ids, got dtype torch.float32"):
         model(ids, labels=torch.zeros(2))
-    with pytest.raises(ValueError, match=r"attention_mask must be \[B, T\] = \[2, 6\] as input_ids, got \[2, 5\]"):
-        model(ids, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"attention_mask must have input_ids' shape \[2, 6\], got \[2, 5\]"):
+        model(ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"input_ids must be in \[0, vocab_size=31\)"):
         model(ids + 31)
     with pytest.raises(ValueError, match="state and return_state need a causal model"):

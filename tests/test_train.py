@@ -6,6 +6,7 @@ process, clear errors for bad --data, and the data pipeline's pieces against han
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -95,6 +96,19 @@ def test_run_trains_and_reports(full_run, capsys):
     assert final["val_ppl"] == pytest.approx(math.exp(records(full_run, "eval")[-1]["val_loss"]))
     assert checkpoints.latest(full_run).name == "step-000006"
     assert (full_run / "tokenizer.json").is_file() and (checkpoints.latest(full_run) / "tokenizer.json").is_file()
+    assert (full_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss plot beside metrics.jsonl
+
+
+@pytest.mark.parametrize("script", ["train", "mqar", "compare_lm"])
+def test_every_help_entry_shows_its_default(script):
+    module = __import__(script)
+    parser = module.build_parser()
+    formatter = train.HelpFormatter(parser.prog)
+    for action in parser._actions:
+        if action.dest == "help" or action.help == argparse.SUPPRESS:
+            continue
+        assert action.help, f"{script}.py: {action.option_strings} has no help"
+        assert "(default" in formatter._get_help_string(action), f"{script}.py: {action.option_strings}"
 
 
 def test_stopped_and_resumed_run_matches_uninterrupted(full_run, corpus, cache, tmp_path):
