@@ -55,6 +55,9 @@ if [[ $what == check || $what == tests || $what == all ]]; then
   run long3 -m gpu tests/test_ops.py -k "long_sequence and 256-16"
   run long4 -m gpu tests/test_ops.py -k "long_sequence and 64-64"
   run model -m gpu tests/test_model.py
+  run generate -m gpu tests/test_generate.py
+  run examples -m gpu tests/test_norm.py tests/test_bidirectional.py tests/test_lra.py tests/test_mqar.py \
+    tests/test_compare_lm.py tests/test_checkpoint.py
   # test_kernels.py in three processes: in one it runs past the 400 s limit, and so do the gated
   # tests together with the offline compile checks.
   run kernels1 tests/test_kernels.py -k "gated or gates"
