@@ -21,6 +21,8 @@ PyTorch's, which Inductor fuses.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.library import triton_op
 
@@ -242,15 +244,27 @@ def _direct(*tensors) -> bool:
 _dispatch_mode = torch.utils._python_dispatch._get_current_dispatch_mode
 
 
+# How a triton_op runs its body on real tensors: with `wrap_triton` passing launches straight to
+# Triton. Outside a triton_op each wrapped launch is otherwise dispatched as a higher-order op,
+# which costs several times the kernels' GPU time. (torch.library's own switch; feature-detected.)
+_set_wrap_triton = getattr(torch._library.triton, "set_wrap_triton_enabled", None)
+
+
+def _raw_launches():
+    return _set_wrap_triton(False) if _set_wrap_triton is not None else contextlib.nullcontext()
+
+
 class _Direct(torch.autograd.Function):
     """Eager calls of either op: the op's forward body, and its backward body (`_backward_body`, or
-    the gated one). With create_graph the backward goes through the backward op, whose missing
-    derivative then gives the same clear error as the op path."""
+    the gated one), with the kernels launched as the op launches them (`_raw_launches`). With
+    create_graph the backward goes through the backward op, whose missing derivative then gives
+    the same clear error as the op path."""
 
     @staticmethod
     def forward(ctx, gated, *inputs):
         *tensors, scale = inputs
-        o, hT, kept = (_gated_forward if gated else _plain_forward)(*inputs)
+        with _raw_launches():
+            o, hT, kept = (_gated_forward if gated else _plain_forward)(*inputs)
         ctx.save_for_backward(*tensors, kept)
         ctx.scale, ctx.gated = scale, gated
         ctx.set_materialize_grads(False)
@@ -266,7 +280,9 @@ class _Direct(torch.autograd.Function):
             op = torch.ops.hgrn2mini.gated_chunk_hgrn2_bwd if ctx.gated else torch.ops.hgrn2mini.chunk_hgrn2_bwd
             grads = op(*tensors, do, dht, ctx.scale, states)
         else:
-            grads = (_gated_backward_body if ctx.gated else _plain_backward_body)(*tensors, do, dht, ctx.scale, states)
+            with _raw_launches():
+                grads = (_gated_backward_body if ctx.gated else _plain_backward_body)(*tensors, do, dht, ctx.scale,
+                                                                                      states)
         return _input_grads(ctx.gated, tensors, grads)
 
 

@@ -312,3 +312,23 @@ def test_compile_and_export_keep_the_op_cuda():
     ep = torch.export.export(M(), (q.detach(), g.detach(), v.detach(), h0.detach()))
     assert "hgrn2mini.chunk_hgrn2" in str(ep.graph)
     assert rel_err(ep.module()(q, g, v, h0)[0], M()(q, g, v, h0)[0]) == 0
+
+
+def test_eager_calls_run_the_bodies_with_raw_launches(monkeypatch):
+    """Eager calls go through `_Direct`, which runs the op bodies as a triton_op runs them: with
+    `wrap_triton` launching straight to Triton (outside a triton_op each launch would be dispatched
+    as a higher-order op, several times the kernels' GPU time)."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    from hgrn2mini import ops
+
+    seen = []
+    for name in ("_forward", "_backward_body"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: (seen.append(
+            (_name, is_wrap_triton_enabled())), _real(*a))[1])
+    q, g, v, h0 = _opcheck_args("cpu", torch.float32, True)
+    o, hT = chunk_hgrn2(q, g, v, h0)
+    (o.sum() + hT.sum()).backward()
+    assert seen == [("_forward", False), ("_backward_body", False)]
+    assert is_wrap_triton_enabled()  # restored after the call
