@@ -98,24 +98,15 @@ def _sigmoid_terms(f):
 @triton.jit
 def _log_gate(f, lb, cols, HAS_LB: tl.constexpr):
     """g = log(lb + (1 - lb) sigmoid(f)) of an fp32 tile of forget logits [rows, cols], lb[cols]
-    the bound (fp32), each form exact where it is used: log1p(-r) where r = 1 - gate < 1/2, else
-    log of the gate itself (a sum of two positive terms, so exact to a few ulps), and the
-    logaddexp form of `gates` only in a tile where the gate falls below 1e-30 (both the bound and
-    sigmoid(f) tiny, where the sum could underflow). One exp and one log1p an element."""
+    the bound (fp32); the forms of `gates`, each exact where it is used."""
+    g, rest = _sigmoid_terms(f)
     if HAS_LB:
-        e = tl.exp(-tl.abs(f))
-        inv = 1.0 / (1.0 + e)
-        bound = tl.load(lb + cols)[None, :]
-        r = (1.0 - bound) * (tl.where(f >= 0.0, e, 1.0) * inv)  # 1 - gate = (1 - lb) sigmoid(-f)
-        gate = bound + (1.0 - bound) * (tl.where(f >= 0.0, 1.0, e) * inv)
-        g = tl.where(r < 0.5, _log1p(-tl.minimum(r, 0.5)), tl.log(tl.maximum(gate, 1e-30)))
-        if tl.min(tl.min(gate, 1), 0) < 1e-30:
-            a = tl.log(bound)  # -inf where lb = 0: then g = log sigmoid(f) exactly
-            b = _log1p(-bound) + tl.minimum(f, 0.0) - _log1p(e)
-            hi = tl.maximum(a, b)
-            g = tl.where(gate < 1e-30, hi + _log1p(tl.exp(tl.minimum(a, b) - hi)), g)
-    else:
-        g, _ = _sigmoid_terms(f)
+        bound = tl.load(lb + cols)
+        a = tl.log(bound)[None, :]  # -inf where lb = 0: then g = log(1 - lb) + log sigmoid(f) exactly
+        b = _log1p(-bound)[None, :] + g
+        hi = tl.maximum(a, b)
+        r = (1.0 - bound)[None, :] * rest  # 1 - f = (1 - lb) sigmoid(-f_logits)
+        g = tl.where(r < 0.5, _log1p(-tl.minimum(r, 0.5)), hi + _log1p(tl.exp(tl.minimum(a, b) - hi)))
     return g
 
 
