@@ -36,7 +36,7 @@ def stored(path):
 
 
 def fla_tensors(tied=False):
-    """The tensors of an fla HGRN2ForCausalLM, named from shared/HGRN2.md's list, bf16 as fla ships."""
+    """The tensors of an fla HGRN2ForCausalLM, named as fla names them, bf16 as fla ships."""
     g = torch.Generator().manual_seed(1)
 
     def r(*shape):

@@ -1,5 +1,5 @@
-"""The model against an independent float64 model written here from the equations of
-shared/HGRN2.md (one step at a time, never calling the op), plus compile, export, state passing
+"""The model against an independent float64 model written here from the paper's equations (one
+step at a time, never calling the op), plus compile, export, state passing
 and input errors (generation: test_generate.py)."""
 
 import json
