@@ -135,7 +135,10 @@ def environment() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument("--models", default=os.environ.get("MODELS", ",".join(MODELS)),
                    help=f"comma-separated subset of {','.join(MODELS)} (env MODELS)")
     p.add_argument("--shapes", default=os.environ.get("SHAPES", "8x2048,2x8192"),
