@@ -17,6 +17,9 @@ state, the op's chunk states; the backward op recomputes the gates and applies t
 (`gates_triton`) and the derivative is applied by the dq/dg kernel as it writes (`chunk_hgrn2_bwd`
 with `logits`), which is faster than Inductor's gates around the plain kernels; elsewhere
 PyTorch's, which Inductor fuses.
+
+Eager calls on plain tensors skip the op dispatch: `_Direct` runs the same bodies under an
+autograd.Function, launching the kernels as a triton_op's body does (`_raw_launches`).
 """
 
 from __future__ import annotations
