@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: correctness first, then speed. Everything it writes goes to $OUT.
-#   OUT=/tmp/out bash tools/gpu_run.sh [check|shapes|tests|bench|sweep|lm|none|all]
+#   OUT=/tmp/out bash tools/gpu_run.sh [check|shapes|tests|bench|sweep|lm|generate|experiments|none|all]
 # Wheels in .whl/ (fla and its dependencies, for the comparisons) are installed to /tmp/site first.
 #
 # check: shapes, then tests.
@@ -14,6 +14,11 @@
 #        JSON list of CONFIG updates, e.g. '[{}, {"dqg_bk": 32}]'; shapes from SWEEP_SHAPES, e.g. 0,2).
 # lm:    benchmarks/bench_lm.py, the 374M training step (MODELS=ours|fla|llama, SHAPES=8x2048,2x8192,
 #        LM_ARGS; one model per call: fla autotunes for minutes). Not part of "all".
+# generate: benchmarks/bench_generate.py --out $OUT (GEN_ARGS), alone on the GPU.
+# experiments: examples/mqar.py, compare_lm.py, lra.py and image.py at once, each to $OUT/<name>/
+#        (their own time budgets, ~7 min). Not part of "all", and never beside the tests: under one
+#        machine's CPUs both slow down (GPU tests ran past their 400 s limit beside them, and the
+#        examples' runs did too few steps to say anything).
 # none:  only the set-up (fla's wheels, the package shim), for a command of one's own after it.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -77,4 +82,14 @@ if [[ $what == sweep || $what == all ]]; then
 fi
 if [[ $what == lm ]]; then
   PYTHONPATH="/tmp/shim${SITE:+:$SITE}" OUT="$OUT" $P benchmarks/bench_lm.py ${LM_ARGS:-} 2>&1 | tee "$OUT/lm.log"
+fi
+if [[ $what == generate ]]; then
+  PYTHONPATH="/tmp/shim${SITE:+:$SITE}" $P benchmarks/bench_generate.py --out "$OUT" ${GEN_ARGS:-} 2>&1 | tee "$OUT/generate.log"
+fi
+if [[ $what == experiments ]]; then
+  for name in mqar compare_lm lra image; do
+    python3 examples/$name.py --out "$OUT/$name" > "$OUT/$name.log" 2>&1 &
+  done
+  wait
+  for name in mqar compare_lm lra image; do echo "== $name"; cat "$OUT/$name/results.md" 2>/dev/null || tail -5 "$OUT/$name.log"; done
 fi
