@@ -103,13 +103,7 @@ def _kept(states, dtype):
     return states.view(dtype) if states is not None and states.numel() > 0 else None
 
 
-def _backward_body(q, g, v, initial_state, do, dht, scale, states):
-    if _chunk.triton_supported(q, v):
-        return _chunk.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, _kept(states, q.dtype))
-    return _chunk.chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale)
-
-
-def _plain_backward_body(
+def _backward_body(
     q: torch.Tensor,
     g: torch.Tensor,
     v: torch.Tensor,
@@ -119,10 +113,12 @@ def _plain_backward_body(
     scale: float,
     states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_body(q, g, v, initial_state, do, dht, scale, states)
+    if _chunk.triton_supported(q, v):
+        return _chunk.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, _kept(states, q.dtype))
+    return _chunk.chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale)
 
 
-triton_op("hgrn2mini::chunk_hgrn2_bwd", mutates_args=())(_plain_backward_body)
+triton_op("hgrn2mini::chunk_hgrn2_bwd", mutates_args=())(_backward_body)
 
 
 def _setup_context(ctx, inputs, output):
@@ -134,18 +130,23 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _backward_op(gated):
+    return torch.ops.hgrn2mini.gated_chunk_hgrn2_bwd if gated else torch.ops.hgrn2mini.chunk_hgrn2_bwd
+
+
+def _saved_backward(ctx, gated, do, dht, backward):
+    """Gradients of the forward's inputs (`_input_grads`) by `backward` (a backward op or body) on
+    the tensors `_setup_context` saved."""
+    *tensors, states = ctx.saved_tensors
+    if do is None:  # only the final state was used
+        do = torch.zeros_like(tensors[-2])
+    # do can arrive with stride 0 (the gradient of `.sum()`): the Triton wrapper makes it dense.
+    return _input_grads(gated, tensors, backward(*tensors, do, dht, ctx.scale, states))
+
+
 def _op_backward(gated):
     """The autograd formula of either forward op: its backward op on the saved tensors."""
-    op = torch.ops.hgrn2mini.gated_chunk_hgrn2_bwd if gated else torch.ops.hgrn2mini.chunk_hgrn2_bwd
-
-    def backward(ctx, do, dht, _):
-        *tensors, states = ctx.saved_tensors
-        if do is None:  # only the final state was used
-            do = torch.zeros_like(tensors[-2])
-        # do can arrive with stride 0 (the gradient of `.sum()`): the Triton wrapper makes it dense.
-        return _input_grads(gated, tensors, op(*tensors, do, dht, ctx.scale, states))[1:]
-
-    return backward
+    return lambda ctx, do, dht, _: _saved_backward(ctx, gated, do, dht, _backward_op(gated))[1:]
 
 
 _chunk_hgrn2.register_autograd(_op_backward(False), setup_context=_setup_context)
@@ -265,28 +266,18 @@ class _Direct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gated, *inputs):
-        *tensors, scale = inputs
         with _raw_launches():
-            o, hT, kept = (_gated_forward if gated else _plain_forward)(*inputs)
-        ctx.save_for_backward(*tensors, kept)
-        ctx.scale, ctx.gated = scale, gated
-        ctx.set_materialize_grads(False)
-        return o, hT
+            output = (_gated_forward if gated else _plain_forward)(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.gated = gated
+        return output[:2]
 
     @staticmethod
     def backward(ctx, do, dht):
-        *tensors, states = ctx.saved_tensors
-        v = tensors[-2]
-        if do is None:
-            do = torch.zeros_like(v)
         if torch.is_grad_enabled():  # create_graph: the op, for its error on differentiating again
-            op = torch.ops.hgrn2mini.gated_chunk_hgrn2_bwd if ctx.gated else torch.ops.hgrn2mini.chunk_hgrn2_bwd
-            grads = op(*tensors, do, dht, ctx.scale, states)
-        else:
-            with _raw_launches():
-                grads = (_gated_backward_body if ctx.gated else _plain_backward_body)(*tensors, do, dht, ctx.scale,
-                                                                                      states)
-        return _input_grads(ctx.gated, tensors, grads)
+            return _saved_backward(ctx, ctx.gated, do, dht, _backward_op(ctx.gated))
+        with _raw_launches():
+            return _saved_backward(ctx, ctx.gated, do, dht, _gated_backward_body if ctx.gated else _backward_body)
 
 
 def _input_grads(gated, tensors, grads):
