@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hgrn2mini.kernels.launch import _sm_count
+
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     y = x.float()
@@ -89,7 +91,8 @@ class _RMSNorm(torch.autograd.Function):
         dy2 = dy.reshape(N, D).contiguous()
         dx = torch.empty_like(x2)
         # A few programs per SM, each over many rows: dw's partial sums stay few.
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
+        sms = _sm_count(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) \
+            if x2.is_cuda else 4
         P = max(1, min(N, 4 * sms))
         has_w = weight is not None
         dw_part = torch.empty(P if has_w else 0, D, device=x2.device, dtype=torch.float32)
