@@ -136,10 +136,9 @@ def test_triton_kernels_key_blocks_and_paths(K, V, T, gate, mode):
     assert all(e <= TOL for e in errs.values()), errs
 
 
-def _offline_regs() -> Path:
-    """The offline compile script (run as a program, never imported)."""
-    root = Path(__file__).resolve().parents[1]
-    return root / "tools" / "offline_regs.py"
+def _offline() -> Path:
+    """The offline compile checks (tests/offline.py), run as a program of their own."""
+    return Path(__file__).resolve().parent / "offline.py"
 
 
 def test_kernel_variants_compile_with_inductors_argument_types():
@@ -147,7 +146,7 @@ def test_kernel_variants_compile_with_inductors_argument_types():
     constexpr), not only as an eager launch passes it (fp32): a branch that redefined `scale`
     compiles eagerly and fails every torch.compile'd use on the GPU. Compiled
     offline (Triton ships ptxas), in a process of its own (this one runs the interpreter)."""
-    script = _offline_regs()
+    script = _offline()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script), "--check", "32", "32"], env=env, capture_output=True,
                          text=True, timeout=600)
@@ -160,7 +159,7 @@ def test_compile_sees_only_the_outputs_written():
     a kernel reported as writing an input runs right eagerly and wrong compiled (kernels/gates.py).
     Every kernel the gated op launches, every variant, must be reported as writing its outputs only.
     Offline (sm_90 stand-in), in a process of its own."""
-    script = _offline_regs()
+    script = _offline()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script), "--writes"], env=env, capture_output=True, text=True,
                          timeout=600)

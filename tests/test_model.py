@@ -368,7 +368,7 @@ def test_compiled_step_saves_no_fp32_activations():
     number per token). Traced with the op's Triton path on the meta device, in a process of its
     own (this one runs Triton's interpreter): no GPU needed."""
     B, T = 2, 256
-    script = Path(__file__).resolve().parents[1] / "tools" / "saved_activations.py"
+    script = Path(__file__).resolve().parent / "saved_activations.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script), "2", str(B), str(T), "--json"], env=env,
                          capture_output=True, text=True, timeout=600)

@@ -1,6 +1,6 @@
 """What the compiled training step keeps for the backward, listed without a GPU.
 
-    python tools/saved_activations.py [layers] [B] [T] [--json] [--out DIR]   (default 2 layers, 8 x 2048)
+    python tests/saved_activations.py [layers] [B] [T] [--json] [--out DIR]   (default 2 layers, 8 x 2048)
 
 The 374M model (fewer layers) is built on the meta device and traced by torch.compile with
 Inductor's decompositions and partitioner, but its forward graph is only captured, never run.
@@ -27,7 +27,7 @@ from torch._inductor.decomposition import select_decomp_table
 from hgrn2mini import HGRN2Config, HGRN2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run with python -P too
-from offline_regs import Sm90Driver  # noqa: E402
+from offline import Sm90Driver  # noqa: E402
 
 
 class _Captured(Exception):

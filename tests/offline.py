@@ -1,0 +1,175 @@
+"""The Triton kernels' contract with torch.compile, checked offline for sm_90 on a machine without
+a GPU (Triton ships ptxas). Run as a program by tests/test_kernels.py, in a process of its own
+(the tests' process runs Triton's interpreter):
+
+    python tests/offline.py --check K V    (exit status: every variant compiles)
+    python tests/offline.py --writes       (exit status: no input reported written)
+
+--check compiles every variant the op launches of the kernels that take `scale`, with `scale`
+typed as Inductor passes it (an fp64 scalar, or a constexpr where it specializes): a kernel that
+redefines an argument with another type inside a branch compiles under eager launches (fp32) and
+fails under torch.compile.
+
+--writes runs the gated op's kernels (the gates' kernel, forward, backward) through torch's
+analysis of which arguments a user kernel writes, which Inductor trusts under torch.compile (a
+kernel reported as writing an input gets wrong results compiled, right ones eagerly:
+kernels/gates.py), and prints each kernel's reported writes.
+"""
+
+import argparse
+
+import triton
+import triton.language as tl
+from hgrn2mini.kernels import chunk as C
+from hgrn2mini.kernels import dqg, launch, out, state
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+class Sm90Driver:
+    """A stand-in for Triton's driver on a machine without a GPU: only what torch's analysis of
+    user kernels (and Inductor's, saved_activations.py) asks of it."""
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_current_device(self):
+        return 0
+
+    def is_active(self):
+        return True
+
+K = V = 128
+DT, PREC = tl.bfloat16, "tf32"
+# Argument types of every kernel but `scale` (fp32 from an eager launch, fp64 or a constexpr from
+# Inductor).
+ARGS = dict(q="*bf16", g="*fp32", gcum="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
+            dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", NSEG="i32", decay="*fp32",
+            seg_decay="*fp32", seg_end="*fp32", h_in="*fp32", flags="*i8", lb="*fp32", dlb_part="*fp32",
+            q_logits="*bf16", f_logits="*bf16")
+# GATES (dq/dg kernel): dq and dg are the gradients of the logits (bf16).
+GATED_ARGS = {**ARGS, "dg": "*bf16"}
+GATED = dict(GATES=True, HAS_LB=True)
+PLAIN = dict(GATES=False, HAS_LB=False)
+
+
+def compile_sm90(fn, types: dict, consts: dict, warps: int, stages: int = 1, aligned: bool = True):
+    """fn compiled for sm_90 with these argument types and constexprs. Switches left out take their
+    defaults, as a launch that does not name them does. aligned: pointers typed 16-byte aligned, as
+    a launch on tensors from torch's allocator specializes them."""
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
+    sig = {p: ("constexpr" if p in consts else types[p]) for p in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.arg_names) if aligned and sig[p].startswith("*")}
+    return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=TARGET,
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def check(K: int, V: int) -> int:
+    """Compiles each variant of the kernels that take `scale` for sm_90 with scale as fp64 and as a
+    constexpr; prints one line per variant, returns the number that failed."""
+    common = dict(K=K, V=V, BT=64, DT=DT, PREC=PREC)
+    variants = [(state._state_kernel, dict(BS=min(K, V, 64), REVERSE=rev, HAS_H0=True, SEGMENTED=seg, PAIR=pair))
+                for rev in (False, True) for seg in (False, True) for pair in (False, True)]
+    modes = [dict(GENERAL=False, FLAGGED=False, REDO=1), dict(GENERAL=True, FLAGGED=True, REDO=4),
+             dict(GENERAL=True, FLAGGED=False, REDO=1)]
+    # The out kernel joins a segmented walk's states, and stores gcum (dv), in its first (or only)
+    # launch, never in the second.
+    variants += [(out._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=dv, JOIN=join, JR=min(K, 32),
+                                      STORE_GCUM=dv and not m["FLAGGED"], **m))
+                 for dv in (False, True) for m in modes for join in (False, True) if not (join and m["FLAGGED"])]
+    variants += [(dqg._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0, **m))
+                 for m in modes]
+    # Each variant both ways of typing scale; the dq/dg kernel with GATES too (scale as fp64: how
+    # a variant types scale does not depend on GATES).
+    variants = [(fn, {**consts, **(PLAIN if fn is dqg._dqg_kernel else {})}, scale) for fn, consts in variants
+                for scale in ("fp64", "constexpr")] + [
+        (fn, {**consts, **GATED}, "fp64") for fn, consts in variants if fn is dqg._dqg_kernel]
+    failed = 0
+    for fn, consts, scale in variants:
+        c = {**common, **consts}
+        c = {k: c[k] for k in fn.arg_names if k in c}
+        if scale == "constexpr":
+            c["scale"] = 0.25
+        try:
+            compile_sm90(fn, {**(GATED_ARGS if consts.get("GATES") else ARGS), "scale": "fp64"}, c, 4,
+                         aligned=False)
+            ok = "ok"
+        except Exception as e:  # noqa: BLE001 - reported, counted
+            failed += 1
+            ok = "FAILED " + str(e).splitlines()[-1][:300]
+        flags = ("REVERSE", "SEGMENTED", "PAIR", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES", "STORE_GCUM")
+        print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
+    return failed
+
+
+# What each kernel may write; anything else reported written is an input (or a wrong report).
+OUTPUTS = {"_state_kernel": {"states", "hT", "decay", "seg_decay"}, "_segment_kernel": {"h_in", "hT"},
+           "_fixup_kernel": {"states"}, "_out_kernel": {"o", "flags", "states", "gcum"},
+           "_dqg_kernel": {"dq", "dg", "flags", "dlb_part"}, "_gates_kernel": {"q", "g"}}
+
+
+def writes() -> int:
+    """Runs the gated op's Triton path (forward and backward, segmented walks, both launch modes,
+    with and without a lower bound) on CPU tensors with an sm_90 stand-in driver; every launch goes
+    to torch's write analysis instead of the GPU. Returns the number of launches with a reported
+    write outside OUTPUTS."""
+    import torch
+    from hgrn2mini.kernels.gates import gates_triton
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    triton.runtime.driver.set_active(Sm90Driver())
+    seen = {}
+
+    def record(kernel):
+        def grid(_):
+            def call(*args, **kw):
+                kwargs = dict(zip(kernel.arg_names, args))
+                kwargs.update({k: v for k, v in kw.items() if k in kernel.arg_names})
+                if hasattr(tkw, "identify_accessed_tensors"):  # torch 2.13
+                    names = [d.name for d in tkw.identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes]
+                else:  # earlier torch (2.11 on the device machine): the same analysis, by its older name
+                    names = tkw.identify_mutated_tensors(kernel, kwargs, {})
+                w = {n for n in names if isinstance(kwargs.get(n), torch.Tensor)}
+                consts = tuple(sorted((k, v) for k, v in kw.items() if isinstance(v, bool)))
+                seen[(kernel.fn.__name__, consts)] = w
+            return call
+        return type("Launcher", (), {"__getitem__": lambda self, g: grid(g)})()
+
+    launch.launcher = record
+    B, T, H, K, V = 1, 300, 2, 32, 32
+    for lb in (None, torch.rand(H * K)):
+        for two_pass, seg in ((True, False), (False, True)):
+            C.CONFIG.update(two_pass_min_dim=16 if two_pass else 10**9, min_segment_chunks=1,
+                            min_programs=10**6 if seg else 1)
+            y, x = torch.randn(B, T, H * K), torch.randn(B, T, H * K)
+            v, do, h0 = torch.randn(B, T, H, V), torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+            q, g = gates_triton(y, x, lb, record)
+            q, g = torch.randn(B, T, H, K), -torch.rand(B, T, H, K)  # stand-ins: nothing ran
+            _, _, states = C.chunk_hgrn2_fwd_with_states(q, g, v, h0, 0.3)
+            heads = (B, T, H, K)
+            C.chunk_hgrn2_bwd(q, g, v, h0, do, h0, 0.3, None, (y.view(heads), x.view(heads), lb))
+    bad = 0
+    for (name, consts), w in sorted(seen.items()):
+        extra = w - OUTPUTS[name]
+        bad += bool(extra)
+        print(name, dict(consts), "writes", sorted(w), f"INPUTS REPORTED WRITTEN: {sorted(extra)}" if extra else "ok")
+    return bad
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--check", nargs=2, type=int, metavar=("K", "V"), default=None,
+                   help="compile every variant taking `scale` as Inductor types it, at these K, V")
+    p.add_argument("--writes", action="store_true", help="check torch's analysis of the arguments each kernel writes")
+    args = p.parse_args()
+    if args.writes:
+        return 1 if writes() else 0
+    if args.check:
+        return 1 if check(*args.check) else 0
+    p.error("give --check K V or --writes")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
