@@ -381,7 +381,7 @@ class HGRN2ForSequenceClassification(_PretrainedModel):
             input_ids: [B, T] integer token ids in [0, vocab_size).
             labels: [B] integer classes in [0, num_labels) or None.
             attention_mask: [B, T], 1 (or True) at tokens, 0 at padding, or None (no padding).
-                Padding at either end changes no other position's output (HGRN2Attention).
+                A padded position leaves every state unchanged in both directions (HGRN2Attention).
         Returns:
             SequenceClassifierOutput(loss fp32 scalar or None, logits [B, num_labels]).
         """
