@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
         chunk.CONFIG.update(json.loads(args.kernel_config))
         # Inductor's on-disk caches key on the traced graph, not on CONFIG: a graph compiled under
-        # another CONFIG would be served (seen on 2026-11-24). Compile afresh.
+        # another CONFIG would be served. Compile afresh.
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
     out_dir = args.out

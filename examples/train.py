@@ -47,8 +47,8 @@ from hgrn2mini import HGRN2Config, HGRN2ForCausalLM  # noqa: E402
 from hgrn2mini.checkpoint import atomic_write_bytes  # noqa: E402
 
 # Training defaults per model preset (the model's sizes are HGRN2Config.from_preset's). Every one
-# can be overridden on the command line. tiny: chosen and measured to finish on a 2-core CPU in
-# under 10 minutes (6.3 min, 2026-11-23). The larger presets' values are starting points in the
+# can be overridden on the command line. tiny: chosen to finish on an idle 2-core CPU in a few
+# minutes (benchmarks/RESULTS.md). The larger presets' values are starting points in the
 # usual range for models of their size, not tuned here.
 PRESETS = {
     "tiny": dict(vocab_size=4096, seq_len=256, batch_size=8, micro_batch_size=4, steps=300, lr=5e-3,
@@ -562,8 +562,8 @@ def run(parser, args, rt: Dist, t_start: float) -> int:
 
     # -- model and optimizer ---------------------------------------------------------------------
     # Padded to a multiple of 64 for the matmul shapes; the extra rows are never a target. The loss
-    # without the [tokens, vocab] logits (`fuse_linear_cross_entropy`): 1.7 GB less peak memory at
-    # 374M, 8 x 2048 tokens, at the same speed (H100, 2026-11-24).
+    # without the [tokens, vocab] logits (`fuse_linear_cross_entropy`): less peak memory at the
+    # same speed.
     config = HGRN2Config.from_preset(args.preset, vocab_size=64 * math.ceil(vocab / 64), fuse_linear_cross_entropy=True)
     torch.manual_seed(args.seed)
     if ckpt is not None:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 # Logits per chunk of rows, at most: 512 MB in fp32. Under torch.compile the loop over chunks is
-# unrolled, and each chunk adds to the compile time (on a 2-core CPU, 8 chunks 16.8 s, 2 chunks
-# 10.7 s, the logits path 11.9 s; 2026-11-24): few, equal chunks (4 of 4096 rows at 8 x 2048
+# unrolled, and each chunk adds to the compile time: few, equal chunks (4 of 4096 rows at 8 x 2048
 # tokens, vocabulary 32000).
 CE_CHUNK_LOGITS = 1 << 27
 
