@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 examples/train.py --preset 374M --data corpus.jsonl
 
 With no arguments it trains the tiny preset on the Python standard library's source (no
-download), on a 2-core CPU in under ten minutes, and ends with the validation perplexity, the
+download), on a 2-core CPU in a few minutes, and ends with the validation perplexity, the
 unigram baseline it must beat, and a sample. Outputs go to --out-dir: tokenizer.json, metrics.jsonl,
 loss.png (training and validation loss, redrawn at every evaluation) and checkpoints (see
 checkpoints.py); stop with Ctrl-C and continue with --resume.
