@@ -31,6 +31,7 @@ from torch.library import triton_op
 
 from hgrn2mini.kernels import chunk as _chunk
 from hgrn2mini.kernels.gates import gates, gates_bwd, gates_triton  # gates: also the model's decode step
+from hgrn2mini.kernels.launch import plain_eager
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -232,20 +233,12 @@ def _check_logits(q_logits, f_logits, lower_bound, v, initial_state) -> None:
 
 
 def _direct(*tensors) -> bool:
-    """Whether a call can run the ops' bodies directly, through `_Direct` (plain eager tensors: no
-    compiler or exporter tracing, no dispatch mode such as fake tensors or functionalization).
-
-    The `torch.library` ops are what compile and export need (one node each, the Triton kernels
-    visible to Inductor). In eager their dispatch layers cost more host time per call than the
-    kernels take on the GPU at training sizes; the bodies they dispatch to are the same functions."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return False
-    if _dispatch_mode() is not None:
-        return False
-    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
-
-
-_dispatch_mode = torch.utils._python_dispatch._get_current_dispatch_mode
+    """Whether a call can run the ops' bodies directly, through `_Direct`: on plain eager tensors
+    (`plain_eager`). The `torch.library` ops are what compile and export need (one node each, the
+    Triton kernels visible to Inductor). In eager their dispatch layers cost more host time per
+    call than the kernels take on the GPU at training sizes; the bodies they dispatch to are the
+    same functions."""
+    return plain_eager(*tensors)
 
 
 # How a triton_op runs its body on real tensors: with `wrap_triton` passing launches straight to

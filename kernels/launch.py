@@ -21,6 +21,17 @@ def launcher(kernel):
     return kernel if _INTERPRETING else wrap_triton(kernel)
 
 
+def plain_eager(*tensors) -> bool:
+    """Whether a call runs on plain tensors outside every tracer: no compiler or exporter, no
+    dispatch mode (fake tensors, functionalization). There the kernels can be launched directly
+    (autograd.Functions, raw launches); elsewhere the tracer needs the PyTorch or op path."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
+        return False
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
 @triton.jit
 def _redone(flags, first, stride, n0, NT, REDO: tl.constexpr):
     """The flags of chunks n0 .. n0 + REDO - 1 (0 past NT) of one program column of a first
@@ -49,7 +60,7 @@ def _redo_chunks(grid, device: torch.device) -> int:
     return redo
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from hgrn2mini.kernels.launch import _sm_count
+from hgrn2mini.kernels.launch import _sm_count, plain_eager
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -102,18 +101,9 @@ class _RMSNorm(torch.autograd.Function):
         return dx.view(dy.shape), dw, None
 
 
-def _eager_cuda(x: torch.Tensor) -> bool:
-    """Plain CUDA tensors outside the compiler and exporter."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return False
-    if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
-        return False
-    return type(x) in (torch.Tensor, torch.nn.Parameter) and x.is_cuda
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of x [..., D] with weight [D] (any float dtype) or None; the
     result in x's dtype."""
-    if _eager_cuda(x) and x.shape[-1] <= 16384 and x.numel() > 0:
+    if x.is_cuda and plain_eager(x) and x.shape[-1] <= 16384 and x.numel() > 0:
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
