@@ -5,9 +5,13 @@ transformers' LLaMA of the same size with its static cache (which `generate` com
     python benchmarks/bench_generate.py --out results/                       # everything, cut at --budget-s
     python benchmarks/bench_generate.py --out r --competitors ours --captures compile+graph
     python benchmarks/bench_generate.py --out r --flat-tokens 0 --competitors ours,fla   # no flatness run
+    python benchmarks/bench_generate.py --out r --competitors ours --captures compile+graph,graph \
+        --flat-tokens 0 --fused both        # the fused decode kernels beside the PyTorch block
 
 Rows, each at batch 1 and --batch, prompts --prompts (512 and 2048), greedy:
-- ours, per capture in --captures: warm-up at the row's shape (its time recorded: compilation and
+- ours, per capture in --captures and per decode block in --fused (the fused Triton kernels of
+  `hgrn2mini.decode`, rows suffixed _fused, and the PyTorch block, _pytorch; "compile" traces the
+  PyTorch block only): warm-up at the row's shape (its time recorded: compilation and
   capture), then the time to first token (wall clock, synchronized: the prompt read and the first
   token chosen) and tokens/s over --tokens new tokens (batch x tokens after the first, over CUDA
   events recorded after each step: the device's timeline, host gaps included). "none" (the eager
@@ -54,15 +58,15 @@ def ours_model():
     return HGRN2ForCausalLM(HGRN2Config.from_preset("374M")).to("cuda", torch.bfloat16).eval()
 
 
-def run_ours(model, B: int, P: int, N: int, capture: str) -> dict:
+def run_ours(model, B: int, P: int, N: int, capture: str, fused: bool | None = None) -> dict:
     from hgrn2mini import generation
 
     ids = torch.randint(0, VOCAB, (B, P), device="cuda")
     t = sync_time()
-    generation.warmup(model, (B,), prompt_lengths=(P,), padded=False, temperature=0, capture=capture)
+    generation.warmup(model, (B,), prompt_lengths=(P,), padded=False, temperature=0, capture=capture, fused=fused)
     warm_s = sync_time() - t
     t = sync_time()
-    it = model.generate(ids, N, temperature=0, capture=capture)
+    it = model.generate(ids, N, temperature=0, capture=capture, fused=fused)
     next(it)
     ttft = sync_time() - t
     events = [torch.cuda.Event(enable_timing=True) for _ in range(N)]
@@ -183,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--competitors", default="ours,fla,llama", help="comma-separated subset of ours,fla,llama")
     p.add_argument("--captures", default="compile+graph,graph,compile,none",
                    help="ours: decode-step captures, the first measured before the competitors")
+    p.add_argument("--fused", default="both", choices=["both", "on", "off", "auto"],
+                   help="ours: the decode block, fused Triton kernels (on) or the PyTorch block (off); both "
+                        "measures each capture both ways (compile: off only), rows suffixed _fused / _pytorch")
     p.add_argument("--batch", type=int, default=32, help="the batch size beside batch 1")
     p.add_argument("--prompts", default="512,2048", help="prompt lengths")
     p.add_argument("--tokens", type=int, default=512, help="ours: new tokens per row")
@@ -227,9 +234,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def ours_rows(capture: str) -> None:
         n = args.eager_tokens if capture == "none" else args.tokens
-        for B in (1, args.batch):
-            for P in prompts:
-                row(f"ours_{capture}_B{B}_P{P}", run_ours, ours, B, P, n, capture)
+        fused = {"both": [True, False], "on": [True], "off": [False], "auto": [None]}[args.fused]
+        if capture == "compile":  # compiles the PyTorch block only
+            fused = [f for f in fused if f is not True] or [False]
+        for f in fused:
+            tag = {True: "_fused", False: "_pytorch", None: ""}[f]
+            for B in (1, args.batch):
+                for P in prompts:
+                    row(f"ours_{capture}{tag}_B{B}_P{P}", run_ours, ours, B, P, n, capture, f)
 
     if ours is not None:
         ours_rows(captures[0])

@@ -14,6 +14,11 @@ can be captured as a CUDA graph and replayed, one launch a token. `capture` pick
                      `compile_regions`), the whole step captured with torch.cuda.CUDAGraph
     "auto"           "compile+graph" on CUDA, "none" elsewhere
 
+`fused` picks the block inside the step: on CUDA by default each layer runs as five fused Triton
+kernels (`hgrn2mini.decode.fused_block`: norms, projections, gates and recurrence, residuals),
+launched eagerly or captured in the graph, so "compile+graph" compiles only the head; fused=False
+keeps the model's PyTorch block, which "compile" always traces.
+
 Batches of prompts of different lengths are left-padded with an `attention_mask`: a padded
 position has forget gate 1, so it leaves the state exactly as it was, and each row generates what
 it generates alone. Each row stops on its own at an `eos_token_id`: the row is then finished on the
@@ -41,7 +46,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from hgrn2mini import decode
 from hgrn2mini.checks import check_attention_mask
+from hgrn2mini.decode import _block_step, _Buffers, _graphed
 from hgrn2mini.model import HGRN2ForCausalLM
 from hgrn2mini.ops import check_state
 
@@ -49,8 +56,6 @@ CAPTURES = ("auto", "none", "graph", "compile", "compile+graph")
 # Every CHECK_EVERY tokens the loop asks (without waiting) whether any row is still running: rare
 # enough to cost nothing, often enough to stop soon after the last eos.
 CHECK_EVERY = 16
-# Noise table rows: at most 64 tokens and 2**24 floats (64 MB) per refill.
-_NOISE_FLOATS = 1 << 24
 
 
 class GenerationOutput(NamedTuple):
@@ -99,33 +104,6 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     return (x + g).argmax(-1)
 
 
-class _Buffers:
-    """Everything one decode step reads and writes, allocated once per batch size."""
-
-    def __init__(self, model: HGRN2ForCausalLM, B: int, device: torch.device):
-        c = model.config
-        z, f32 = dict(device=device), dict(device=device, dtype=torch.float32)
-        self.state = torch.zeros(model.model.state_shape(B), **f32)  # [L, B, H, K, V]
-        self.tok = torch.zeros(B, dtype=torch.long, **z)  # the last token chosen, fed next
-        self.live = torch.zeros(B, dtype=torch.bool, **z)  # tok is the row's (not padding after its eos)
-        self.lengths = torch.zeros(B, dtype=torch.long, **z)
-        self.lower_bounds = torch.zeros(c.num_hidden_layers, c.hidden_size, **f32) if c.use_lower_bound else None
-        self.is_eos = torch.zeros(c.vocab_size, dtype=torch.bool, **z)
-        self.pad = torch.zeros((), dtype=torch.long, **z)
-        self.temperature = torch.ones((), **f32)
-        self.top_p = torch.ones((), **f32)
-        self.noise = None  # [rows, B, vocab] Gumbel noise refilled every `rows` tokens, made when first sampled
-        self.slot = torch.zeros(1, dtype=torch.long, **z)  # the noise row that the next choice reads
-
-    def make_noise(self) -> None:
-        if self.noise is None:
-            B, vocab = self.tok.shape[0], self.is_eos.shape[0]
-            self.noise = self.state.new_zeros(max(1, min(64, _NOISE_FLOATS // (B * vocab))), B, vocab)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in vars(self).values() if t is not None]
-
-
 def _choose(logits: torch.Tensor, b: _Buffers, spec: _Sampling) -> torch.Tensor:
     """The next token of every row [B] from logits [B, vocab]; advances the noise slot."""
     if spec.greedy:
@@ -134,13 +112,6 @@ def _choose(logits: torch.Tensor, b: _Buffers, spec: _Sampling) -> torch.Tensor:
     g = b.noise.index_select(0, b.slot)[0]  # [B, vocab]
     b.slot.copy_((b.slot + 1) % b.noise.shape[0])
     return (x + g).argmax(-1)
-
-
-def _block_step(layer, x: torch.Tensor, lb, state: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """One block at one token, its state [B, H, K, V] updated in place; a row not live keeps it."""
-    x, new = layer(x, lb, state, live[:, None])
-    state.copy_(new)
-    return x
 
 
 def _head_step(model: HGRN2ForCausalLM, x: torch.Tensor, b: _Buffers, spec: _Sampling) -> None:
@@ -159,20 +130,6 @@ def _decode_step(model: HGRN2ForCausalLM, b: _Buffers, spec: _Sampling, block=_b
     for i, layer in enumerate(model.model.layers):
         x = block(layer, x, b.lower_bounds[i] if b.lower_bounds is not None else None, b.state[i], b.live)
     head(model, x, b, spec)
-
-
-def _graphed(fn, pool) -> Any:
-    """fn captured as a CUDA graph (after three runs on a side stream, which also compile it)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        fn()
-    return graph.replay
 
 
 class _Decoder:
@@ -200,17 +157,22 @@ class _Decoder:
             d.key = key
         return d
 
-    def step(self, model: HGRN2ForCausalLM, B: int, spec: _Sampling, capture: str):
+    def step(self, model: HGRN2ForCausalLM, B: int, spec: _Sampling, capture: str, fused: bool = False):
         """The step for batch size B: captured (and compiled) at its first use, before the buffers
-        get their real contents (the warm-up runs write them)."""
+        get their real contents (the warm-up runs write them). fused: each block in the fused Triton
+        kernels (`hgrn2mini.decode.fused_block`), launched eagerly or captured, never compiled."""
         if B not in self.buffers:
             self.buffers[B] = _Buffers(model, B, next(model.parameters()).device)
         b = self.buffers[B]
         if not spec.greedy:
             b.make_noise()
-        if (B, spec, capture) in self.steps:
-            return b, self.steps[B, spec, capture]
-        eager = lambda: _decode_step(model, b, spec)  # noqa: E731
+        if (B, spec, capture, fused) in self.steps:
+            return b, self.steps[B, spec, capture, fused]
+        block = _block_step
+        if fused:
+            b.make_workspace(model)
+            block = decode.fused_block(b)
+        eager = lambda: _decode_step(model, b, spec, block)  # noqa: E731
         if capture == "none":
             fn = eager
         elif capture == "compile":
@@ -222,12 +184,13 @@ class _Decoder:
                 fn()
         else:  # "graph", "compile+graph"
             if capture == "compile+graph":
-                block = torch.compile(_block_step, fullgraph=True, dynamic=False)
+                if not fused:
+                    block = torch.compile(_block_step, fullgraph=True, dynamic=False)
                 head = torch.compile(_head_step, fullgraph=True, dynamic=False)
                 eager = lambda: _decode_step(model, b, spec, block, head)  # noqa: E731
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             fn = _graphed(eager, self.pool)
-        self.steps[B, spec, capture] = fn
+        self.steps[B, spec, capture, fused] = fn
         return b, fn
 
 
@@ -236,10 +199,10 @@ class Generation(Iterator):
     model's device, a view into `result().tokens`); a finished row gives pad_token_id. The prompt
     is read at the first step. `result()` runs what is left and returns a GenerationOutput."""
 
-    def __init__(self, model, ids, n, mask, state, spec, temperature, top_p, generator, eos, pad, capture):
+    def __init__(self, model, ids, n, mask, state, spec, temperature, top_p, generator, eos, pad, capture, fused):
         self._model, self._ids, self._n, self._mask, self._state0, self._spec = model, ids, n, mask, state, spec
         self._temperature, self._top_p, self._generator = temperature, top_p, generator
-        self._eos, self._pad, self._capture = eos, pad, capture
+        self._eos, self._pad, self._capture, self._fused = eos, pad, capture, fused
         self._i = self._draws = 0  # tokens given so far; noise rows used (the device's slot, unasked)
         self._out: GenerationOutput | None = None
         self._b = self._pending = None  # buffers; (pinned flag "a row is live", event) of the last check
@@ -273,7 +236,7 @@ class Generation(Iterator):
         model, ids = self._model, self._ids
         B = ids.shape[0]
         self._decoder = _Decoder.of(model)
-        b, self._step = self._decoder.step(model, B, self._spec, self._capture)
+        b, self._step = self._decoder.step(model, B, self._spec, self._capture, self._fused)
         self._b, self._decoder.owner[B] = b, weakref.ref(self)
         self.tokens_buffer = torch.full((B, self._n), self._pad, dtype=torch.long, device=ids.device)
         b.is_eos.zero_()
@@ -355,6 +318,7 @@ def generate(
     top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None, *,
     attention_mask: torch.Tensor | None = None, eos_token_id: int | Iterable[int] | None = None,
     pad_token_id: int | None = None, state: torch.Tensor | None = None, capture: str = "auto",
+    fused: bool | None = None,
 ) -> Generation:
     """Generates up to max_new_tokens tokens after each row of input_ids.
 
@@ -372,6 +336,10 @@ def generate(
         state: [L, B, H, K, V] fp32 to start from: a GenerationOutput's state continues that
             conversation (it holds every token returned), None starts from zeros.
         capture: how the decode step runs, one of CAPTURES (module docstring).
+        fused: each block of the decode step in five fused Triton kernels (`hgrn2mini.decode`):
+            None picks them on CUDA where the model's shapes allow and capture is not "compile";
+            True insists (a ValueError says why it cannot), also on the CPU under
+            TRITON_INTERPRET=1; False keeps the PyTorch block.
     Returns:
         A Generation: iterate it to stream [B] tokens a step, or call `.result()` for
         GenerationOutput(tokens [B, N], lengths [B], state).
@@ -408,9 +376,10 @@ def generate(
         capture = "compile+graph" if device.type == "cuda" else "none"
     if capture in ("graph", "compile+graph") and device.type != "cuda":
         raise ValueError(f"capture={capture!r} needs the model on CUDA, got {device}; use 'none' or 'auto'")
+    fused = decode.use_fused(model, fused, capture)
     spec = _Sampling(True, None, False) if temperature == 0 else _Sampling(False, top_k, (top_p or 1) < 1)
     return Generation(model, input_ids, max_new_tokens, attention_mask, state, spec, temperature, top_p,
-                      generator, eos, pad[0], capture)
+                      generator, eos, pad[0], capture, fused)
 
 
 def warmup(model: HGRN2ForCausalLM, batch_sizes: Iterable[int] = (1,), max_prompt_len: int = 2048,
