@@ -49,7 +49,7 @@ if [[ $what == check || $what == shapes || $what == all ]]; then
 fi
 if [[ $what == check || $what == tests || $what == all ]]; then
   run() { local name=$1; shift
-    timeout 400 $P -m pytest -v -p no:warnings --tb=short -rA -p no:cacheprovider "$@" > "$OUT/t_$name.log" 2>&1 & }
+    timeout 480 $P -m pytest -v -p no:warnings --tb=short -rA -p no:cacheprovider "$@" > "$OUT/t_$name.log" 2>&1 & }
   run fp32 -m gpu tests/test_ops.py -k naive_loop_cuda_fp32
   run bf16 -m gpu tests/test_ops.py -k naive_loop_cuda_bf16
   run gated32 -m gpu tests/test_ops.py -k "gated and fp32"
