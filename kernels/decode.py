@@ -37,7 +37,7 @@ _MASKED = tl.constexpr(MASKED_F_LOGIT)
 DOT_MIN_BATCH = 16  # tl.dot's smallest tile side; below it a tile of rows would be mostly padding
 
 # Launch table: kernel -> regime -> Triton settings. Regimes: "b1" (one row), "small" (2 to
-# DOT_MIN_BATCH - 1 rows, BLOCK_B rounded down to the batch's next power of two), "dot"
+# DOT_MIN_BATCH - 1 rows, BLOCK_B capped at the batch's next power of two), "dot"
 # (tl.dot on [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles). The elementwise paths keep a
 # [BLOCK_B, BLOCK_N, BLOCK_K] fp32 product, so BLOCK_B * BLOCK_N * BLOCK_K / (32 num_warps) is the
 # registers a thread holds for it: 4096 elements at 4 warps is 32. Starting points to be swept on
