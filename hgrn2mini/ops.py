@@ -18,6 +18,10 @@ state, the op's chunk states; the backward op recomputes the gates and applies t
 with `logits`), which is faster than Inductor's gates around the plain kernels; elsewhere
 PyTorch's, which Inductor fuses.
 
+Heads of K = V = 1 (HGRN1, expand_ratio 1) are outside the chunk kernels' sizes: there both ops
+run the per-channel scan (`hgrn2mini.kernels.scan1`) on CUDA and under Triton's interpreter, and
+its third output is the forward's states h [B, T, H] (fp32, as raw bits), which its backward reads.
+
 Eager calls on plain tensors skip the op dispatch: `_Direct` runs the same bodies under an
 autograd.Function, launching the kernels as a triton_op's body does (`_raw_launches`).
 """
@@ -30,6 +34,7 @@ import torch
 from torch.library import triton_op
 
 from hgrn2mini.kernels import chunk as _chunk
+from hgrn2mini.kernels import scan1 as _scan1
 from hgrn2mini.kernels.gates import gates, gates_bwd, gates_triton  # gates: also the model's decode step
 from hgrn2mini.kernels.launch import plain_eager
 
@@ -76,6 +81,9 @@ def check_state(name: str, state, layout: str, want: tuple, device: torch.device
 
 def _forward(q, g, v, initial_state, scale):
     """Body of both forward ops: (o, final state, kept states); see `_chunk_hgrn2`."""
+    if _scan1.takes(q, v):
+        o, hT, states = _scan1.forward(q, g, None, v, initial_state, scale, gated=False)
+        return o, hT, states.view(torch.int32)
     kept = q.new_empty(0, dtype=_BITS[q.dtype])
     if _chunk.triton_supported(q, v):
         o, hT, states = _chunk.chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale)
@@ -90,8 +98,9 @@ def _plain_forward(
     q: torch.Tensor, g: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, final state, kept states). The third output is what the backward may reuse: the Triton
-    path's chunk-start states when `kernels.settings.CONFIG["keep_states"]`, as their raw bits in an
-    integer dtype (so autograd gives it no gradient), else an empty tensor."""
+    path's chunk-start states when `kernels.settings.CONFIG["keep_states"]`, or the K = V = 1 scan's
+    states, as their raw bits in an integer dtype (so autograd gives it no gradient), else an empty
+    tensor."""
     _check(q, g, v, initial_state)
     return _forward(q, g, v, initial_state, scale)
 
@@ -114,6 +123,10 @@ def _backward_body(
     scale: float,
     states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _scan1.takes(q, v):
+        dq, dg, dv, _, dh0 = _scan1.backward(q, g, None, v, initial_state, _kept(states, torch.float32),
+                                             do, dht, scale, gated=False)
+        return dq, dg, dv, dh0
     if _chunk.triton_supported(q, v):
         return _chunk.chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, _kept(states, q.dtype))
     return _chunk.chunk_hgrn2_bwd_ref(q, g, v, initial_state, do, dht, scale)
@@ -165,6 +178,9 @@ def _gated_forward(
     Triton path the gates are one kernel (`gates_triton`)."""
     _check_logits(q_logits, f_logits, lower_bound, v, initial_state)
     heads = _heads(q_logits, v)
+    if _scan1.takes(q_logits.view(heads), v):  # the gates inside the scan's kernels
+        o, hT, states = _scan1.forward(q_logits, f_logits, lower_bound, v, initial_state, scale, gated=True)
+        return o, hT, states.view(torch.int32)
     if _chunk.triton_supported(q_logits.view(heads), v):
         q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk.launcher)
     else:
@@ -183,7 +199,10 @@ def _gated_backward_body(
     """(d q_logits, d f_logits, d lower_bound (empty without one), dv, d initial state): the gates
     recomputed, the recurrence's backward, then the gates' derivative."""
     heads, shape = _heads(q_logits, v), q_logits.shape
-    if _chunk.triton_supported(q_logits.view(heads), v):  # the gates' derivative in the dq/dg kernel
+    if _scan1.takes(q_logits.view(heads), v):
+        dq_logits, df_logits, dv, dlb, dh0 = _scan1.backward(
+            q_logits, f_logits, lower_bound, v, initial_state, _kept(states, torch.float32), do, dht, scale, gated=True)
+    elif _chunk.triton_supported(q_logits.view(heads), v):  # the gates' derivative in the dq/dg kernel
         q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk.launcher)
         dq_logits, df_logits, dlb, dv, dh0 = _chunk.chunk_hgrn2_bwd(
             q.view(heads), g.view(heads), v, initial_state, do, dht, scale, _kept(states, q.dtype),
