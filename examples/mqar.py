@@ -22,9 +22,10 @@ The output head of every model is its embedding matrix (--no-tie-embeddings unti
 Each (model, width, setting) is trained at every learning rate of --lrs and the best accuracy is
 reported. The runs are spread over --jobs processes sharing the device; every run stops at
 --steps or when its share of --time-budget is spent, whichever comes first, and its learning
-rate follows a cosine over that same progress. Outputs in --out: results.json (every run),
-results.md (best accuracy per cell), mqar.png (accuracy against d_model, one panel per setting),
-logs/ and parts/ (each worker's log and runs).
+rate follows a cosine over that same progress. On CUDA each run's training step is captured in a
+CUDA graph after 3 eager steps and replayed (examples/graphstep.py; --no-graph: eager). Outputs in
+--out: results.json (every run), results.md (best accuracy per cell), mqar.png (accuracy against
+d_model, one panel per setting), logs/ and parts/ (each worker's log and runs).
 
 Note: the Triton kernels need K and V in {16, ..., 256}; hgrn1 (K = V = 1) runs on the library's
 chunked PyTorch path, so its steps are slower and, within the time budget, it may do fewer.
@@ -33,7 +34,6 @@ chunked PyTorch path, so its steps are slower and, within the time budget, it ma
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however we're launched
+import graphstep  # noqa: E402
 import report  # noqa: E402
 from train import HelpFormatter, names_arg, param_groups  # noqa: E402
 from transformer import TransformerConfig, TransformerForCausalLM  # noqa: E402
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     # it, so a larger batch costs little more device time and gives each step more examples.
     g.add_argument("--batch-tokens", type=int, default=32768,
                    help="tokens per step: batch_tokens // seq_len examples (512 at length 64, 64 at 512)")
-    g.add_argument("--steps", type=int, default=2000, help="most optimizer steps per run")
+    # Captured in a CUDA graph, steps are cheap: the time budget ends most runs; this cap the fastest.
+    g.add_argument("--steps", type=int, default=10000, help="most optimizer steps per run")
     g.add_argument("--warmup", type=float, default=0.05, help="share of each run's progress spent warming up")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, on Linear weight matrices")
     g.add_argument("--eval-examples", type=int, default=3000, help="held-out examples per setting")
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--jobs", type=int, default=None,
                    help="worker processes sharing the device (default: 16 on CUDA, 1 on CPU)")
     g.add_argument("--device", default=None, help="(default: cuda if available, else cpu)")
+    g.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture each run's training step in a CUDA graph (default: on CUDA; eager elsewhere)")
     # Internal: how the parent process starts a worker.
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
@@ -171,6 +175,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.jobs is None:
         args.jobs = 16 if args.device.startswith("cuda") else 1
+    if args.graph and not args.device.startswith("cuda"):
+        parser.error(f"--graph needs a CUDA --device, got {args.device}")
+    args.graph = args.device.startswith("cuda") if args.graph is None else args.graph
     return args
 
 
@@ -215,7 +222,8 @@ def labels(batch: Batch) -> torch.Tensor:
 
 
 def answer_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits at the query positions only, [B, N, vocab]: the head never sees the other positions."""
+    """Logits at the query positions only, [B, N, vocab]: the head never sees the other positions.
+    Static shapes, so a CUDA graph captures it: N queries in every example of a setting."""
     hidden, _ = model.model(batch.inputs)  # [B, T, D]
     at = batch.query_pos[..., None].expand(-1, -1, hidden.shape[-1])
     return model.lm_head(hidden.gather(1, at))
@@ -287,39 +295,33 @@ def train_run(run: Run, args, test: list[Batch], budget_s: float) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(run.model, run.d_model, args).to(device)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=run.lr, betas=(0.9, 0.98),
-                            fused=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    opt = graphstep.make_optimizer(param_groups(model, args.weight_decay), run.lr, (0.9, 0.98), device)
+    train_step = graphstep.TrainStep(model, opt, lambda m, b: mqar_loss(answer_logits(m, b), b),
+                                     graph=args.graph, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     gen = torch.Generator(device).manual_seed(data_seed(args.seed, run.seq_len, run.pairs, held_out=False))
-    t_first, progress, step, losses = None, 0.0, 0, []
+    t_first, progress, step, log = None, 0.0, 0, graphstep.LossLog()
     t_run = time.perf_counter()
     while step < args.steps and progress < 1:
         # Cosine over the run's progress: steps done or time spent, whichever is further along.
-        warm = min(1.0, progress / args.warmup) if args.warmup > 0 else 1.0
-        lr = run.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = mqar_batch(batch_size(args, run.seq_len), run.seq_len, run.pairs, args.vocab_size, gen)
-        with autocast:
-            loss = mqar_loss(answer_logits(model, batch), batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
+        graphstep.set_lr(opt, graphstep.warmup_cosine(run.lr, progress, args.warmup))
+        loss = train_step(mqar_batch(batch_size(args, run.seq_len), run.seq_len, run.pairs, args.vocab_size, gen))
+        step = train_step.steps
         if step == 1 or step % 100 == 0:
-            losses.append((step, loss.item()))  # a sync every 100 steps only
+            log.record(step, loss)  # read back at the next record: no per-step sync
         if step == 1:
             t_first = time.perf_counter()
         elapsed = time.perf_counter() - t_first
         progress = max(step / args.steps, elapsed / max(budget_s - (t_first - t_run), 1e-9))
+    graphstep.synchronize(device)
     train_s = time.perf_counter() - t_run
-    acc = accuracy(model, test, autocast)
+    losses = log.result()
+    acc = accuracy(model, test, train_step.autocast())
     K = expand_ratio(run.model, run.d_model, args.max_expand)
     return dict(asdict(run), label=LABELS[run.model], expand_ratio=K,
                 params=sum(p.numel() for p in model.parameters()), steps=step,
                 examples=step * batch_size(args, run.seq_len), stopped_by="steps" if step >= args.steps else "time",
-                train_s=round(train_s, 2), eval_s=round(time.perf_counter() - t_run - train_s, 2),
+                train_s=round(train_s, 2), steps_per_s=round(step / train_s, 1), captured=train_step.captured,
+                capture_error=train_step.capture_error, eval_s=round(time.perf_counter() - t_run - train_s, 2),
                 loss_curve=losses, final_loss=losses[-1][1] if losses else None, accuracy=acc)
 
 

@@ -5,12 +5,16 @@ Markdown table, JSON and a PNG plot).
 
 Every run reads the same token sequences: [N, T] int64 ids, 0-padded on the right, with their
 lengths; the classifier pools over the tokens (attention_mask) and predicts one of num_labels.
+
+On CUDA the training step is captured in a CUDA graph after 3 eager steps and replayed
+(graphstep.py; --no-graph: eager steps): its batches then have static shapes, every one padded to
+the data's full width (with a mask wherever some sequence is shorter), where eager batches are cut
+at their longest sequence.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -19,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import graphstep
 import numpy as np
 import torch
 import torch.nn as nn
@@ -120,6 +125,8 @@ def parser(doc: str, out: str, budget: float, width: int, layers: int, expand_ra
                    help="stop a run after this many steps; None: at the deadline only")
     p.add_argument("--jobs", type=int, default=jobs, help="runs in parallel, as subprocesses (1: in this process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the training step in a CUDA graph (default: on CUDA; eager elsewhere)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data sets, the init and the batches")
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)  # one run, in a subprocess of run_all
     return p
@@ -162,6 +169,8 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
         p.error(f"--max-steps must be >= 1, got {args.max_steps}")
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
+    if args.graph and not args.device.startswith("cuda"):
+        p.error(f"--graph needs a CUDA --device, got {args.device}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,13 +178,22 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _batch(ids, lengths, labels, index, device):
-    T = int(lengths[index].max())
+def _batch(ids, lengths, labels, index, device, width=None, masked=False):
+    """(ids [B, T], labels [B], mask [B, T] or None) of the examples `index`, on device. T is the
+    batch's longest sequence, with a mask where one is shorter; or, for static shapes, `width`,
+    with a mask whenever `masked`."""
+    T = int(lengths[index].max()) if width is None else width
     x = torch.from_numpy(ids[index, :T]).to(device)
     y = torch.from_numpy(labels[index]).to(device)
-    padded = bool((lengths[index] < T).any())
+    padded = bool((lengths[index] < T).any()) if width is None else masked
     mask = (torch.arange(T, device=device) < torch.from_numpy(lengths[index]).to(device)[:, None]) if padded else None
     return x, y, mask
+
+
+def classifier_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
+    """The classifier's loss on a batch (ids, labels, mask or None), as graphstep.TrainStep calls it."""
+    x, y, mask = batch
+    return model(x, labels=y, attention_mask=mask).loss
 
 
 def train_one(task: str, kind: str, data: dict, args, deadline: float) -> dict:
@@ -186,31 +204,32 @@ def train_one(task: str, kind: str, data: dict, args, deadline: float) -> dict:
     device = torch.device(args.device)
     train_ids, train_len, train_y = data["train_ids"], data["train_len"], data["train_y"]
     model = build_model(kind, int(data["vocab_size"]), int(data["num_labels"]), train_ids.shape[1], args).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    opt = graphstep.make_optimizer([{"params": list(model.parameters()), "weight_decay": args.weight_decay}],
+                                   args.lr, (0.9, 0.98), device)
     # bf16 autocast on CUDA: the HGRN2 op and SDPA take their bf16 kernels.
-    autocast = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    graph = device.type == "cuda" if args.graph is None else args.graph  # --graph's default
+    train_step = graphstep.TrainStep(model, opt, classifier_loss, graph=graph,
+                                     autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    autocast = train_step.autocast()
+    # A captured step's batches: the full width, a mask whenever some training sequence is shorter.
+    width = train_ids.shape[1] if graph else None
+    masked = bool((train_len < train_ids.shape[1]).any())
     rng = np.random.default_rng(args.seed)
     train_end = deadline - min(0.15 * seconds, 20.0)  # the rest for the held-out pass
-    curve, step, seen = [], 0, 0
+    log, step, seen = graphstep.LossLog(), 0, 0
     model.train()
     while time.time() < train_end and (args.max_steps is None or step < args.max_steps):
         # LR: linear warm-up over the first 5% of the time, cosine to 10% by the deadline.
         frac = (time.time() - start) / max(train_end - start, 1e-3)
-        lr = args.lr * min(1.0, frac / 0.05) * (0.55 + 0.45 * math.cos(math.pi * min(frac, 1.0)))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        graphstep.set_lr(opt, graphstep.warmup_cosine(args.lr, frac, 0.05))
         index = rng.integers(0, len(train_ids), args.batch_size)
-        x, y, mask = _batch(train_ids, train_len, train_y, index, device)
-        with autocast:
-            loss = model(x, labels=y, attention_mask=mask).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step, seen = step + 1, seen + len(index)
+        loss = train_step(_batch(train_ids, train_len, train_y, index, device, width, masked))
+        step, seen = train_step.steps, seen + len(index)
         if step % 25 == 1:
-            curve.append((round(time.time() - start, 2), loss.detach().item()))
+            log.record(round(time.time() - start, 2), loss)  # read back at the next record: no per-step sync
+    graphstep.synchronize(device)
     train_seconds = time.time() - start
+    curve = log.result()
     correct = total = 0
     model.eval()
     test_ids, test_len, test_y = data["test_ids"], data["test_len"], data["test_y"]
@@ -226,6 +245,8 @@ def train_one(task: str, kind: str, data: dict, args, deadline: float) -> dict:
             total += len(index)
     return dict(task=task, model=kind, label=LABELS[kind], params=sum(p.numel() for p in model.parameters()),
                 steps=step, examples_seen=seen, train_seconds=round(train_seconds, 1),
+                steps_per_s=round(step / train_seconds, 1), captured=train_step.captured,
+                capture_error=train_step.capture_error,
                 seconds=round(time.time() - start, 1), test_accuracy=correct / max(total, 1),
                 test_examples=total, final_train_loss=curve[-1][1] if curve else None, curve=curve,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")

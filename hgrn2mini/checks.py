@@ -110,6 +110,14 @@ def describe(x: Any) -> str:
 
 
 def is_tracing() -> bool:
-    """True under torch.compile or torch.export, where data-dependent checks cannot run."""
+    """True under torch.compile or torch.export, and while a CUDA graph is being captured on the
+    current stream: where data-dependent checks cannot run (reading a value on the host would end
+    a capture; examples/graphstep.py captures whole training steps). Eager calls outside a
+    capture check values as always; a graph's replays check nothing (the eager warm-up steps
+    before a capture still do)."""
     compiler = getattr(torch, "compiler", None)
-    return any(getattr(compiler, n, lambda: False)() for n in ("is_compiling", "is_exporting"))
+    if any(getattr(compiler, n, lambda: False)() for n in ("is_compiling", "is_exporting")):
+        return True
+    # is_initialized first: a capture needs CUDA set up, and on a CPU-only build the capture
+    # query itself raises.
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()

@@ -140,6 +140,7 @@ def test_every_model_trains_on_the_gpu(tmp_path):
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert len(runs) == 4 * 2
     assert all(r["steps"] == 30 and math.isfinite(r["final_loss"]) and 0 <= r["accuracy"] <= 1 for r in runs)
+    assert all(r["captured"] for r in runs), [r["capture_error"] for r in runs]  # examples/graphstep.py
 
 
 @pytest.mark.parametrize("tie", [True, False])
