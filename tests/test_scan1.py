@@ -27,8 +27,13 @@ needs_kernels = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETIN
                                    reason="the scan runs on CUDA or under TRITON_INTERPRET=1")
 pytestmark = needs_kernels
 
-# fp32: a few ulps a step, the same order as the float64 loop's; bf16: inputs and outputs rounded.
+# fp32: a few ulps a step, which add up as a random walk over T steps (`tol`); fp16, bf16: the
+# outputs and gradients are rounded to them.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def tol(dtype, T):
+    return TOL[dtype] * max(1.0, (T / 100) ** 0.5) if dtype == torch.float32 else TOL[dtype]
 
 
 @dataclass
@@ -110,8 +115,8 @@ def check_gated(case, dtype, device):
     w = scales["df_logits"]
     scales["df_logits"] = torch.where(w == 0, 1.0, w)
     errs = gated_errors(got, want, scales, elementwise=dtype == torch.float32)
-    bad = {k: e for k, e in errs.items() if not e <= TOL[dtype]}
-    assert not bad, f"relative errors over {TOL[dtype]} for {dtype}: {bad} ({case})"
+    bad = {k: e for k, e in errs.items() if not e <= tol(dtype, case.T)}
+    assert not bad, f"relative errors over {tol(dtype, case.T)} for {dtype}: {bad} ({case})"
 
 
 def check_plain(case, dtype, device):
@@ -131,8 +136,8 @@ def check_plain(case, dtype, device):
     got = _run(chunk_hgrn2, inputs, do.to(dtype), dht.float())
     errs = {"o": rel_err(got[0], o_r), "final_state": rel_err(got[1], hT_r)}
     errs.update({n: rel_err(a, b) for n, a, b in zip(["dq", "dg", "dv", "dh0"], got[2:], want)})
-    bad = {k: e for k, e in errs.items() if not e <= TOL[dtype]}
-    assert not bad, f"relative errors over {TOL[dtype]} for {dtype}: {bad} ({case})"
+    bad = {k: e for k, e in errs.items() if not e <= tol(dtype, case.T)}
+    assert not bad, f"relative errors over {tol(dtype, case.T)} for {dtype}: {bad} ({case})"
 
 
 # ---- the kernels (under the interpreter without a GPU) -------------------------------------------
@@ -285,9 +290,9 @@ def test_long_sequence_cuda(dtype):
     y, x, lb, v, h0, do, dht = case.logits("cuda")
     y, x, v, do = (t.to(dtype) for t in (y, x, v, do))
     got = _run(gated_chunk_hgrn2, [y, x, lb.float(), v, h0.float()], do, dht.float())
-    want = _run(_float64_op, [t.double() for t in (y, x, lb, v, h0)], do.double(), dht.double())
+    want = _run(_float64_op, [t.double() for t in (y, x, lb.float(), v, h0.float())], do.double(), dht.double())
     for name, a, b in zip(["o", "hT", "dq_logits", "df_logits", "dlb", "dv", "dh0"], got, want):
-        assert rel_err(a, b) <= TOL[dtype], (name, rel_err(a, b))
+        assert rel_err(a, b) <= tol(dtype, case.T), (name, rel_err(a, b))
 
 
 def _float64_op(y, x, lb, v, h0):
@@ -306,10 +311,10 @@ def test_opcheck_cuda(dtype):
 @pytest.mark.gpu
 def test_compiled_model_matches_eager_cuda():
     """torch.compile at expand_ratio 1: the scan's kernels inside the compiled graph (triton_op),
-    the same loss and gradients as eager."""
+    the same loss and gradients as eager (fp32: only the fusion of the ops around it differs)."""
     torch.manual_seed(0)
     cfg = HGRN2Config(vocab_size=97, hidden_size=256, num_hidden_layers=2, expand_ratio=1)
-    model = HGRN2ForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model = HGRN2ForCausalLM(cfg).to("cuda")
     ids = torch.randint(0, cfg.vocab_size, (4, 300), device="cuda")
 
     def step(fn):
@@ -320,6 +325,6 @@ def test_compiled_model_matches_eager_cuda():
 
     loss, grads = step(model)
     loss_c, grads_c = step(torch.compile(model, fullgraph=True))
-    assert rel_err(loss_c, loss) <= 1e-3
+    assert rel_err(loss_c, loss) <= 1e-5
     for a, b in zip(grads_c, grads):
-        assert rel_err(a, b) <= 2e-2
+        assert rel_err(a, b) <= 1e-3
