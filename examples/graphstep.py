@@ -135,7 +135,12 @@ class TrainStep:
         return loss.detach()
 
     def _eager(self, batch) -> torch.Tensor:
-        loss = self._forward_backward_step(batch)
+        with warnings.catch_warnings():
+            # torch warns once that a capturable optimizer steps uncaptured: expected in the warm-up
+            # before a capture, and with graph=False on CUDA, which keeps the same optimizer (and
+            # numbers) as the captured path.
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            loss = self._forward_backward_step(batch)
         self.opt.zero_grad(set_to_none=True)
         return loss
 
