@@ -156,6 +156,7 @@ def _tile(pid_b, pid_c, B, T, H, BB: tl.constexpr, BD: tl.constexpr):
 def _fwd_kernel(q, f, lb, v, h0, y, states, hT, B, T, H, scale, GATED: tl.constexpr, HAS_LB: tl.constexpr,
                 HAS_H0: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr):
     seq, bh, cols, m = _tile(tl.program_id(0), tl.program_id(1), B, T, H, BB, BD)
+    scale = tl.full([], scale, tl.float32)  # fp64 when Inductor launches the kernel from a compiled graph
     bound = tl.zeros([1, BD], dtype=tl.float32)
     if HAS_LB:
         bound = tl.load(lb + cols[None, :], mask=cols[None, :] < H, other=0.0)
@@ -178,6 +179,7 @@ def _bwd_kernel(q, f, lb, v, h0, states, dy, dht, dq, df, dv, dh0, dlb_part, B, 
                 BB: tl.constexpr, BD: tl.constexpr):
     """The reverse walk; df is dg (plain) or d f_logits (gated), dq is d q_logits (gated)."""
     seq, bh, cols, m = _tile(tl.program_id(0), tl.program_id(1), B, T, H, BB, BD)
+    scale = tl.full([], scale, tl.float32)  # fp64 when Inductor launches the kernel from a compiled graph
     bound = tl.zeros([1, BD], dtype=tl.float32)
     if HAS_LB:
         bound = tl.load(lb + cols[None, :], mask=cols[None, :] < H, other=0.0)
