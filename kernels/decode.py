@@ -48,8 +48,9 @@ LAUNCH = {
     "qfi": {"b1": dict(BLOCK_B=1, BLOCK_N=8, BLOCK_K=512, num_warps=4),
             # more rows a program, a shorter K slice: the same 4096-element product
             "small": dict(BLOCK_B=4, BLOCK_N=8, BLOCK_K=128, num_warps=4),
-            # 16 weight rows a tile: 3 D / 16 = 192 programs, each weight read once for 32 rows
-            "dot": dict(BLOCK_B=32, BLOCK_N=16, BLOCK_K=128, num_warps=4)},
+            # 32 weight rows a tile, 8 warps, 3 stages: 9.8 us a call at B = 32 against 13.1 for 16
+            # rows at 4 warps (the H200, 374M shapes; RESULTS.md)
+            "dot": dict(BLOCK_B=32, BLOCK_N=32, BLOCK_K=128, num_warps=8, num_stages=3)},
     # o_proj: only D outputs, so 4 rows a program (256 programs at D = 1024) to cover the SMs
     "o": {"b1": dict(BLOCK_B=1, BLOCK_N=4, BLOCK_K=1024, num_warps=4),
           "small": dict(BLOCK_B=4, BLOCK_N=4, BLOCK_K=256, num_warps=4),
