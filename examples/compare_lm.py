@@ -15,9 +15,8 @@ three finish in the budget. Outputs in --out: results.md and results.json (final
 perplexity, tokens/s, parameters), perplexity.png (validation perplexity against tokens, the
 three models), and per model its metrics.jsonl and loss.png.
 
-The models run eagerly (no torch.compile). hgrn1's K = V = 1 heads are outside the Triton
-kernels' sizes, so it runs on the library's chunked PyTorch path: its tokens/s measures that
-path, not the recurrence.
+The models run eagerly (no torch.compile). hgrn1's K = V = 1 heads run on their own Triton
+scan (one channel a lane, step by step), hgrn2's on the chunked kernels.
 """
 
 from __future__ import annotations
