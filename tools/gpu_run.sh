@@ -61,6 +61,8 @@ if [[ $what == check || $what == tests || $what == all ]]; then
   run long4 -m gpu tests/test_ops.py -k "long_sequence and 64-64"
   run model -m gpu tests/test_model.py
   run generate -m gpu tests/test_generate.py
+  run decode -m gpu tests/test_decode.py tests/test_scan1.py
+  run graphstep -m gpu tests/test_graphstep.py
   run examples -m gpu tests/test_norm.py tests/test_bidirectional.py tests/test_lra.py tests/test_mqar.py \
     tests/test_compare_lm.py tests/test_checkpoint.py
   # test_kernels.py in three processes: in one it runs past the 400 s limit, and so do the gated
