@@ -5,7 +5,8 @@ a GPU (Triton ships ptxas). Run as a program by tests/test_kernels.py, in a proc
     python tests/offline.py --check K V    (exit status: every variant compiles)
     python tests/offline.py --writes       (exit status: no input reported written)
 
---check compiles every variant the op launches of the kernels that take `scale`, with `scale`
+--check compiles every variant the op launches of the kernels that take `scale` (the chunk
+kernels at K, V; the K = V = 1 scan's, whatever K, V), with `scale`
 typed as Inductor passes it (an fp64 scalar, or a constexpr where it specializes): a kernel that
 redefines an argument with another type inside a branch compiles under eager launches (fp32) and
 fails under torch.compile.
@@ -21,7 +22,7 @@ import argparse
 import triton
 import triton.language as tl
 from hgrn2mini.kernels import chunk as C
-from hgrn2mini.kernels import dqg, launch, out, state
+from hgrn2mini.kernels import dqg, launch, out, scan1, state
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -53,6 +54,10 @@ ARGS = dict(q="*bf16", g="*fp32", gcum="*fp32", v="*bf16", do="*bf16", states="*
 GATED_ARGS = {**ARGS, "dg": "*bf16"}
 GATED = dict(GATES=True, HAS_LB=True)
 PLAIN = dict(GATES=False, HAS_LB=False)
+# The K = V = 1 scan's arguments (its states are fp32; f is g = log f plain, the logits gated).
+SCAN1_ARGS = dict(q="*bf16", f="*fp32", lb="*fp32", v="*bf16", h0="*fp32", y="*bf16", states="*fp32", hT="*fp32",
+                  dy="*bf16", dht="*fp32", dq="*bf16", df="*fp32", dv="*bf16", dh0="*fp32", dlb_part="*fp32",
+                  B="i32", T="i32", H="i32")
 
 
 def compile_sm90(fn, types: dict, consts: dict, warps: int, stages: int = 1, aligned: bool = True):
@@ -86,6 +91,11 @@ def check(K: int, V: int) -> int:
     variants = [(fn, {**consts, **(PLAIN if fn is dqg._dqg_kernel else {})}, scale) for fn, consts in variants
                 for scale in ("fp64", "constexpr")] + [
         (fn, {**consts, **GATED}, "fp64") for fn, consts in variants if fn is dqg._dqg_kernel]
+    # The K = V = 1 scan, forward and backward: plain, gated, gated with a lower bound; every
+    # optional input given (the variants that read the most).
+    scan = [dict(GATED=g, HAS_LB=lb, HAS_H0=True, BB=1, BD=64) for g, lb in ((False, False), (True, False), (True, True))]
+    variants += [(fn, {**c, **({"HAS_DHT": True} if fn is scan1._bwd_kernel else {})}, sc)
+                 for fn in (scan1._fwd_kernel, scan1._bwd_kernel) for c in scan for sc in ("fp64", "constexpr")]
     failed = 0
     for fn, consts, scale in variants:
         c = {**common, **consts}
@@ -93,13 +103,17 @@ def check(K: int, V: int) -> int:
         if scale == "constexpr":
             c["scale"] = 0.25
         try:
-            compile_sm90(fn, {**(GATED_ARGS if consts.get("GATES") else ARGS), "scale": "fp64"}, c, 4,
-                         aligned=False)
+            types = SCAN1_ARGS if fn in (scan1._fwd_kernel, scan1._bwd_kernel) else \
+                GATED_ARGS if consts.get("GATES") else ARGS
+            if consts.get("GATED"):
+                types = {**types, "f": "*bf16", "df": "*bf16"}
+            compile_sm90(fn, {**types, "scale": "fp64"}, c, 4, aligned=False)
             ok = "ok"
         except Exception as e:  # noqa: BLE001 - reported, counted
             failed += 1
             ok = "FAILED " + str(e).splitlines()[-1][:300]
-        flags = ("REVERSE", "SEGMENTED", "PAIR", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES", "STORE_GCUM")
+        flags = ("REVERSE", "SEGMENTED", "PAIR", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES", "STORE_GCUM", "GATED",
+                 "HAS_LB")
         print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
     return failed
 
