@@ -121,12 +121,13 @@ def check(K: int, V: int) -> int:
 # What each kernel may write; anything else reported written is an input (or a wrong report).
 OUTPUTS = {"_state_kernel": {"states", "hT", "decay", "seg_decay"}, "_segment_kernel": {"h_in", "hT"},
            "_fixup_kernel": {"states"}, "_out_kernel": {"o", "flags", "states", "gcum"},
-           "_dqg_kernel": {"dq", "dg", "flags", "dlb_part"}, "_gates_kernel": {"q", "g"}}
+           "_dqg_kernel": {"dq", "dg", "flags", "dlb_part"}, "_gates_kernel": {"q", "g"},
+           "_fwd_kernel": {"y", "states", "hT"}, "_bwd_kernel": {"dq", "df", "dv", "dh0", "dlb_part"}}
 
 
 def writes() -> int:
     """Runs the gated op's Triton path (forward and backward, segmented walks, both launch modes,
-    with and without a lower bound) on CPU tensors with an sm_90 stand-in driver; every launch goes
+    with and without a lower bound), and the K = V = 1 scan's, on CPU tensors with an sm_90 stand-in driver; every launch goes
     to torch's write analysis instead of the GPU. Returns the number of launches with a reported
     write outside OUTPUTS."""
     import torch
@@ -164,6 +165,16 @@ def writes() -> int:
             _, _, states = C.chunk_hgrn2_fwd_with_states(q, g, v, h0, 0.3)
             heads = (B, T, H, K)
             C.chunk_hgrn2_bwd(q, g, v, h0, do, h0, 0.3, None, (y.view(heads), x.view(heads), lb))
+    # The K = V = 1 scan (HGRN1's heads), plain and gated, with and without a lower bound: its kernels
+    # on these CPU tensors as on the GPU (scan1._triton says where they run).
+    scan1.launcher, scan1._triton = record, lambda *tensors: True
+    H1 = 5
+    for gated, lb in ((False, None), (True, None), (True, torch.rand(H1))):
+        f = torch.randn(B, T, H1) if gated else -torch.rand(B, T, H1, 1)
+        q, v, h0 = torch.randn(B, T, H1, *(() if gated else (1,))), torch.randn(B, T, H1, 1), torch.randn(B, H1, 1, 1)
+        states = torch.randn(B, T, H1)
+        scan1.forward(q, f, lb, v, h0, 0.3, gated)
+        scan1.backward(q, f, lb, v, h0, states, torch.randn(B, T, H1, 1), torch.randn(B, H1, 1, 1), 0.3, gated)
     bad = 0
     for (name, consts), w in sorted(seen.items()):
         extra = w - OUTPUTS[name]
