@@ -18,43 +18,23 @@ import re
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
-import triton
 import triton.backends.nvidia
-import triton.language as tl
 from hgrn2mini.kernels import dqg, out, state
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-TARGET = GPUTarget("cuda", 90, 32)
+# The kernels' argument types and the sm_90 compile: the offline checks' own (tests/offline.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from offline import ARGS, DT, GATED, GATED_ARGS, PLAIN, PREC, K, V, compile_sm90  # noqa: E402
+
 FAMILIES = ["state", "out", "dqg"]
-
-
 BIN = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
-K = V = 128
-DT, PREC = tl.bfloat16, "tf32"
-# Argument types of every kernel but `scale` (fp32 from an eager launch, fp64 or a constexpr from
-# Inductor).
-ARGS = dict(q="*bf16", g="*fp32", gcum="*fp32", v="*bf16", do="*bf16", states="*bf16", dstates="*bf16", o="*bf16",
-            dq="*bf16", dg="*fp32", h0="*fp32", hT="*fp32", T="i32", H="i32", NSEG="i32", decay="*fp32",
-            seg_decay="*fp32", seg_end="*fp32", h_in="*fp32", flags="*i8", lb="*fp32", dlb_part="*fp32",
-            q_logits="*bf16", f_logits="*bf16")
-# GATES (dq/dg kernel): dq and dg are the gradients of the logits (bf16).
-GATED_ARGS = {**ARGS, "dg": "*bf16"}
-GATED = dict(GATES=True, HAS_LB=True)
-PLAIN = dict(GATES=False, HAS_LB=False)
 
 
-def usage(fn, types: dict, consts: dict, warps: int, stages: int = 1, aligned: bool = True) -> str:
-    # Switches left out take their defaults, as a launch that does not name them does.
-    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
-    sig = {p: ("constexpr" if p in consts else types[p]) for p in fn.arg_names}
-    # aligned, as a launch on tensors from torch's allocator is: Triton specializes 16-byte aligned
-    # pointers as such. Without it every global load compiles to 2-byte scalar loads, and the
-    # register and spill counts are not the launched kernel's.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.arg_names) if aligned and sig[p].startswith("*")}
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=TARGET,
-                            options={"num_warps": warps, "num_stages": stages})
+def usage(fn, types: dict, consts: dict, warps: int, stages: int = 1) -> str:
+    """Registers and stack bytes of fn compiled for sm_90, pointers 16-byte aligned (as a launch on
+    torch's tensors specializes them: unaligned, every global load is a 2-byte scalar load)."""
+    kernel = compile_sm90(fn, types, consts, warps, stages, aligned=True)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
