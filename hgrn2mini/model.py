@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from hgrn2mini import checkpoint
 from hgrn2mini.checks import check_attention_mask, check_ids
 from hgrn2mini.config import HGRN2Config
+# MASKED_F_LOGIT: the forget logit that padding gets, f = 1 and k = 1 - f = 0 exactly (kernels/gates.py)
+from hgrn2mini.kernels.gates import MASKED_F_LOGIT
 from hgrn2mini.kernels.norm import rms_norm
 from hgrn2mini.loss import linear_cross_entropy
 from hgrn2mini.ops import check_state, gated_chunk_hgrn2, gates
@@ -52,11 +54,6 @@ class RMSNorm(nn.Module):
         # y = x / sqrt(mean(x^2) + eps) * weight in fp32, then x's dtype: one Triton kernel each way
         # for eager CUDA tensors, the PyTorch formula elsewhere (`kernels.norm.rms_norm_ref`).
         return rms_norm(x, self.weight, self.eps)
-
-
-# The forget logit that padding gets: sigmoid(1e4) = 1 and log sigmoid(1e4) = 0 exactly in fp32
-# (exp(-1e4) underflows to 0), and 1e4 is finite in bf16 and fp16.
-MASKED_F_LOGIT = 1e4
 
 
 def hgrn2_recurrent_step(

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from hgrn2mini.kernels.gates import _INTERPRET, _INTERPRETING, _log_gate, gates
+from hgrn2mini.kernels.gates import _INTERPRET, _INTERPRETING, MASKED_F_LOGIT, _log_gate, gates
+from hgrn2mini.kernels.norm import rms_norm_ref
 from triton.language.extra import libdevice
 
-MASKED_F_LOGIT = 1e4  # hgrn2mini.model.MASKED_F_LOGIT: f = 1 and k = 0 exactly, every dtype
 _MASKED = tl.constexpr(MASKED_F_LOGIT)
 DOT_MIN_BATCH = 16  # tl.dot's smallest tile side; below it a tile of rows would be mostly padding
 
@@ -85,28 +85,15 @@ def launch_settings(kernel: str, B: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm as `kernels.norm.rms_norm_ref`: fp32 (fp64) math, rounded to x's dtype."""
-    y = x.to(_acc(x))
-    y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.to(y.dtype)
-    return y.to(x.dtype)
-
-
 def norm_matvec_ref(x, norm_weight, eps, weights) -> torch.Tensor:
     """[len(weights), B, N]: rmsnorm(x) @ W^T for each W [N, D]; x [B, D]."""
-    y = _norm_ref(x, norm_weight, eps)
+    y = rms_norm_ref(x, norm_weight, eps)
     return torch.stack([F.linear(y, w) for w in weights])
 
 
 def norm_matvec_add_ref(x, norm_weight, eps, weight, residual) -> torch.Tensor:
     """residual + rmsnorm(x) @ W^T, the product rounded to the activation dtype before the add."""
-    return residual + F.linear(_norm_ref(x, norm_weight, eps), weight)
+    return residual + F.linear(rms_norm_ref(x, norm_weight, eps), weight)
 
 
 def matvec_add_ref(x, weight, residual) -> torch.Tensor:
@@ -114,7 +101,7 @@ def matvec_add_ref(x, weight, residual) -> torch.Tensor:
 
 
 def norm_glu_ref(x, norm_weight, eps, gate, up) -> torch.Tensor:
-    y = _norm_ref(x, norm_weight, eps)
+    y = rms_norm_ref(x, norm_weight, eps)
     return F.silu(F.linear(y, gate)) * F.linear(y, up)
 
 

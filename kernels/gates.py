@@ -45,6 +45,10 @@ from triton.language.extra import libdevice
 # and the kernels' own constexpr (`_INTERPRET`) follow this one value.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# The forget logit that padding gets: sigmoid(1e4) = 1 and log sigmoid(1e4) = 0 exactly in fp32
+# (exp(-1e4) underflows to 0), and 1e4 is finite in bf16 and fp16.
+MASKED_F_LOGIT = 1e4
+
 
 def gates(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None):
     """q = silu(q_logits) in q_logits' dtype and g = log f (fp32), as in the module docstring."""

@@ -20,10 +20,11 @@ from hgrn2mini.kernels.launch import _sm_count, plain_eager
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    y = x.float()
+    """fp32 math (fp64 for fp64 x, as references need), rounded to x's dtype."""
+    y = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(y.dtype)
     return y.to(x.dtype)
 
 
