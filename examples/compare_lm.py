@@ -1,6 +1,6 @@
 """HGRN2, HGRN1 (HGRN2 at expand_ratio 1) and a LLaMA-style Transformer, language-modelled side by side.
 
-    python examples/compare_lm.py --out out/compare_lm          # ~6 min on one H200
+    python examples/compare_lm.py --out out/compare_lm          # ~7.5 min on one H200
     python examples/compare_lm.py --data corpus/ --steps 2000   # your text, a fixed length
 
 The three models have the same width, depth and MLP, hence the same parameter count (within
@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-dim", type=int, default=64, help="the Transformer's attention head size")
     g = p.add_argument_group("data")
     train.add_data_args(g, default_corpus="--corpus-mb of the installed packages' .py sources")
-    g.add_argument("--corpus-mb", type=float, default=64.0, help="size of the default corpus's sample, in MiB")
+    g.add_argument("--corpus-mb", type=float, default=256.0,
+                   help="size of the default corpus's sample, in MiB (all of site-packages' sources if fewer): "
+                        "enough that a budgeted run on one GPU sees its tokens about once")
     train.add_optimization_args(p.add_argument_group("optimization"), DEFAULTS, NOTES)
     g = p.add_argument_group("run")
     g.add_argument("--time-budget", type=float, default=330.0,
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 wall_s=round(wall, 1), unigram_ppl=corpus.unigram, train_tokens=len(corpus.td.train),
                 args={k: v for k, v in vars(args).items()})
     (out / "results.json").write_text(json.dumps(dict(meta=meta, models=list(results.values())), indent=1))
-    table = lm_table(results, corpus.unigram)
+    table = lm_table(results, corpus.unigram, len(corpus.td.train))
     (out / "results.md").write_text(f"Language modelling, {args.layers} layers x {args.hidden_size}, "
                                     f"{len(corpus.td.train) / 1e6:.1f}M training tokens ({meta['date']}, "
                                     f"{device_name}, {wall / 60:.1f} min; `{command}`)\n\n{table}\n")
@@ -226,13 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def lm_table(results: dict[str, dict], unigram: float) -> str:
+def lm_table(results: dict[str, dict], unigram: float, train_tokens: int) -> str:
+    """Final and best validation perplexity side by side, with the epochs over the training split: a
+    model that repeats its data can pass its best point (overfit) before the end."""
+    def ppl(x):
+        return "-" if x is None else f"{x:.2f}"
     rows = [[r["label"], f"{r['params'] / 1e6:.2f}M", f"{r['steps']}", f"{r['tokens'] / 1e6:.1f}M",
-             "-" if r["val_ppl"] is None else f"{r['val_ppl']:.2f}", f"{r['tok_per_s']:,}",
+             f"{r['tokens'] / max(train_tokens, 1):.2f}", ppl(r["val_ppl"]),
+             ppl(min((p for _, p in r["curve"]), default=None)), f"{r['tok_per_s']:,}",
              r["stopped_by"] or ""] for r in results.values()]
-    rows.append(["unigram baseline", "", "", "", f"{unigram:.1f}", "", ""])
-    return report.markdown_table(["model", "parameters", "steps", "tokens", "validation perplexity", "tokens/s",
-                                  "stopped early by"], rows)
+    rows.append(["unigram baseline", "", "", "", "", f"{unigram:.1f}", "", "", ""])
+    return report.markdown_table(["model", "parameters", "steps", "tokens", "epochs", "validation perplexity",
+                                  "best on the way", "tokens/s", "stopped early by"], rows)
 
 
 if __name__ == "__main__":

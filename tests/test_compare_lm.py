@@ -50,7 +50,7 @@ def test_three_models_same_tokens_same_size(corpus, tmp_path, capsys):
         assert (tmp_path / name / "loss.png").read_bytes()[:8] == PNG
     assert (tmp_path / "perplexity.png").read_bytes()[:8] == PNG
     table = (tmp_path / "results.md").read_text()
-    assert "| HGRN1 (HGRN2, K=1) |" in table and "unigram baseline" in table
+    assert "| HGRN1 (HGRN2, K=1) |" in table and "unigram baseline" in table and "| epochs |" in table
     assert "| Transformer (LLaMA-style) |" in capsys.readouterr().out
 
 
