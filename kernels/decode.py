@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from hgrn2mini.kernels.gates import _INTERPRET, _INTERPRETING, MASKED_F_LOGIT, _log_gate, gates
 from hgrn2mini.kernels.norm import rms_norm_ref
+from hgrn2mini.kernels.settings import cdiv
 from triton.language.extra import libdevice
 
 _MASKED = tl.constexpr(MASKED_F_LOGIT)
@@ -290,7 +291,7 @@ def _launch_matvec(kernel: str, x, norm_weight, eps, weights, out, residual, nor
     nw = norm_weight if norm_weight is not None else x  # never read without a weight
     w = list(weights) + [weights[0]] * (3 - len(weights))  # unused pointers are never read
     num_w = 1 if glu else len(weights)
-    grid = (num_w * triton.cdiv(N, s["BLOCK_N"]), triton.cdiv(B, s["BLOCK_B"]))
+    grid = (num_w * cdiv(N, s["BLOCK_N"]), cdiv(B, s["BLOCK_B"]))
     _matvec_kernel[grid](x, nw, w[0], w[1], w[2], residual if residual is not None else out, out, B, N, Kd,
                          float(eps), NUM_W=num_w, NORM=(0 if not norm else 2 if norm_weight is not None else 1),
                          GLU=glu, RESIDUAL=residual is not None, DOT=dot,
@@ -379,7 +380,7 @@ def recurrent_step(qfi: torch.Tensor, lower_bound: torch.Tensor | None, live: to
         return o.copy_(new_o)
     s = launch_settings("state", B)
     BV = min(s["BLOCK_V"], triton.next_power_of_2(V))
-    _recurrent_kernel[(B, H, triton.cdiv(V, BV))](
+    _recurrent_kernel[(B, H, cdiv(V, BV))](
         qfi, lower_bound if lower_bound is not None else state, live.view(torch.uint8), state, o, B, D, H, K, V,
         float(scale), HAS_LB=lower_bound is not None, BLOCK_K=K, BLOCK_V=BV, num_warps=s["num_warps"])
     return o

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from hgrn2mini.kernels.gates import _log1p, _sigmoid_terms
 from hgrn2mini.kernels.launch import _launch_chunks, _redone, _redone_at
-from hgrn2mini.kernels.settings import _BC, _BT, _FAST_RANGE, _cfg, _dot_config
+from hgrn2mini.kernels.settings import _BC, _BT, _FAST_RANGE, _cfg, _dot_config, cdiv
 from hgrn2mini.kernels.tiles import _bad, _exp, _expm1, _head, _load_gcum, _load_tile, _pairs_grad, _store_tile
 
 
@@ -140,14 +140,14 @@ def _run_dqg(q, g, gcum, v, do, states, dstates, scale, logits=None):
     q_logits, f_logits = q_logits.contiguous(), f_logits.contiguous()
     gated, has_lb = logits is not None, lower_bound is not None
     lb = lower_bound.contiguous() if has_lb else q
-    dlb_part = torch.empty(B * triton.cdiv(T, _BT) if has_lb else 0, H * K, device=q.device, dtype=torch.float32)
+    dlb_part = torch.empty(B * cdiv(T, _BT) if has_lb else 0, H * K, device=q.device, dtype=torch.float32)
     dq, dg = torch.empty_like(q), torch.empty_like(f_logits if gated else g)
     # Square state tiles, BV = BK: BK < BV faults (illegal address) or gives wrong bf16 results with
     # Triton 3.6.
     BK = min(K, _cfg(q, v, "dqg_bk", gated, has_lb))
     BV = min(V, BK)
     _launch_chunks(
-        _dqg_kernel, (K // BK, triton.cdiv(T, _BT), B * H), q, g, gcum, v, do, states,
+        _dqg_kernel, (K // BK, cdiv(T, _BT), B * H), q, g, gcum, v, do, states,
         dstates, dq, dg, T, H, scale, q_logits=q_logits, f_logits=f_logits, lb=lb, dlb_part=dlb_part,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=BV, DT=DT, PREC=PREC, PREC32=PREC32, FAST_RANGE=_FAST_RANGE,
         num_warps=_cfg(q, v, "dqg_warps", gated, has_lb), num_stages=_cfg(q, v, "dqg_stages", gated, has_lb),

@@ -1,6 +1,7 @@
-"""How the chunk kernels are launched: through `wrap_triton` inside the ops (the interpreter runs
-the raw kernel), and the out and dq/dg kernels in two launches, both sides of it (`_launch_chunks`
-on the host, `_redone` / `_redone_at` in the second launch's programs).
+"""How the chunk kernels are launched: through `wrap_triton` under a tracer, through their compiled
+launchers on real tensors (`_Launch`; the interpreter runs the raw kernel), and the out and dq/dg
+kernels in two launches, both sides of it (`_launch_chunks` on the host, `_redone` / `_redone_at`
+in the second launch's programs).
 """
 
 from __future__ import annotations
@@ -11,14 +12,84 @@ import torch
 import triton
 import triton.language as tl
 from hgrn2mini.kernels.gates import _INTERPRETING
-from hgrn2mini.kernels.settings import CONFIG
+from hgrn2mini.kernels.settings import CONFIG, cdiv
 from torch.library import wrap_triton
+
+# torch's switch for launches in a triton_op's body: off where the body runs on real tensors (the op
+# run eagerly, or hgrn2mini.ops._Direct), on under tracers. Feature-detected, like Triton's knobs.
+_wrap_enabled = getattr(torch._library.triton, "is_wrap_triton_enabled", None)
+_knobs = getattr(triton, "knobs", None)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def launcher(kernel):
-    """kernel as a triton_op launches it: wrap_triton lets Inductor see the kernel inside the op;
-    the interpreter (CPU tests) runs the raw kernel."""
-    return kernel if _INTERPRETING else wrap_triton(kernel)
+    """kernel as its caller launches it: under a tracer through wrap_triton, so that Inductor sees the
+    kernel inside the op; on real tensors through its compiled launcher (`_Launch`, where
+    CONFIG["direct_launch"]); under the interpreter (CPU tests) the raw kernel."""
+    if _INTERPRETING:
+        return kernel
+    if CONFIG["direct_launch"] and _LAUNCH_OK and not _wrap_enabled():
+        launch = _LAUNCHES.get(kernel)
+        if launch is None:
+            launch = _LAUNCHES[kernel] = _Launch(kernel)
+        return launch
+    return wrap_triton(kernel)
+
+
+_LAUNCH_OK = None not in (_wrap_enabled, _knobs, _raw_stream)
+
+
+class _Launch:
+    """A Triton kernel launched through the compiled kernel that Triton's own launch returned the
+    first time with the same specialization. Triton's launch derives the specialization, its cache
+    key, the options, device and stream again on every call, tens of microseconds of host time a
+    launch; an eager forward and backward of the op is a dozen launches of kernels that take tens
+    to hundreds of microseconds on the GPU. Here one tuple keys a dict.
+
+    The key holds everything a compiled kernel is specialized on: each tensor's dtype and 16-byte
+    alignment, each int's value (Triton: whether it is 1, divisible by 16, 32- or 64-bit), every
+    other argument's value (constexprs, None, bools, floats), the launch options (num_warps, ...)
+    and the current device. Launches with a profiler's hooks set, and calls that leave an argument
+    to its default, go through Triton."""
+
+    __slots__ = ("kernel", "names", "name_set", "compiled")
+
+    def __init__(self, kernel):
+        self.kernel, self.names, self.compiled = kernel, tuple(kernel.arg_names), {}
+        self.name_set = frozenset(self.names)
+
+    def __getitem__(self, grid):
+        return functools.partial(self.launch, tuple(grid))
+
+    def launch(self, grid, *args, **kwargs):
+        try:
+            values = args + tuple([kwargs[n] for n in self.names[len(args):]])
+        except KeyError:  # an argument left to its default: Triton's binder fills it in
+            return self.kernel[grid](*args, **kwargs)
+        options = tuple(sorted((k, kwargs[k]) for k in kwargs.keys() - self.name_set))
+        device = torch.cuda.current_device()
+        key = (device, options, *[(x.dtype, x.data_ptr() % 16 == 0) if isinstance(x, torch.Tensor) else x
+                                  for x in values])
+        compiled = self.compiled.get(key)
+        if compiled is None or _hooked():
+            compiled = self.kernel[grid](*args, **kwargs)
+            # Kept once loaded (launched, `function` set), up to a bound for callers sweeping sizes.
+            if getattr(compiled, "function", None) is not None and len(self.compiled) < 1024:
+                self.compiled[key] = compiled
+            return compiled
+        grid = grid + (1, 1)
+        compiled.run(grid[0], grid[1], grid[2], _raw_stream(device), compiled.function, compiled.packed_metadata,
+                     None, None, None, *values)
+        return compiled
+
+
+_LAUNCHES: dict = {}  # JITFunction -> its _Launch
+
+
+def _hooked() -> bool:
+    """Whether a launch hook is set (profilers): then every launch goes through Triton, which calls it."""
+    hook = _knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def plain_eager(*tensors) -> bool:
@@ -78,5 +149,5 @@ def _launch_chunks(kernel, grid, *args, JOIN=None, STORE_GCUM=None, **meta):
     launcher(kernel)[grid](*args, flags=flags, GENERAL=not two_pass, FLAGGED=False, REDO=1, **first_only, **meta)
     if two_pass:
         redo = _redo_chunks(grid, args[0].device)
-        launcher(kernel)[(grid[0], triton.cdiv(grid[1], redo), grid[2])](
+        launcher(kernel)[(grid[0], cdiv(grid[1], redo), grid[2])](
             *args, flags=flags, GENERAL=True, FLAGGED=True, REDO=redo, **{k: False for k in first_only}, **meta)

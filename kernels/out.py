@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from hgrn2mini.kernels.launch import _launch_chunks, _redone, _redone_at
-from hgrn2mini.kernels.settings import _BC, _BT, _FAST_RANGE, CONFIG, _cfg, _dot_config
+from hgrn2mini.kernels.settings import _BC, _BT, _FAST_RANGE, CONFIG, _cfg, _dot_config, cdiv
 from hgrn2mini.kernels.state import _join
 from hgrn2mini.kernels.tiles import _bad, _expm1, _head, _load_tile, _pairs_A, _store_tile
 
@@ -128,7 +128,7 @@ def _run_out(q, g, v, states, scale, dv, join, gcum=None):
     BK = min(K, _cfg(q, v, "out_bk"))
     decay, h_in, nseg = join if join else (q, q, 1)  # without a join never read: any input (not an output)
     _launch_chunks(
-        _out_kernel, (V // BVO, triton.cdiv(T, _BT), B * H), q, g, gcum if gcum is not None else out, v, states, out,
+        _out_kernel, (V // BVO, cdiv(T, _BT), B * H), q, g, gcum if gcum is not None else out, v, states, out,
         T, H, scale, STORE_GCUM=gcum is not None,
         # Slices of 32 rows, unrolled, so that their loads overlap (16-row slices in a loop are slower
         # than the separate fixup kernel the join replaces).

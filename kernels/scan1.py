@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from hgrn2mini.kernels.gates import _INTERPRETING
 from hgrn2mini.kernels.launch import launcher, plain_eager
+from hgrn2mini.kernels.settings import cdiv
 from hgrn2mini.kernels.tiles import _expm1
 
 
@@ -257,7 +258,7 @@ def forward(q_in, f_in, lower_bound, v, initial_state, scale, gated):
     h0 = initial_state.contiguous() if initial_state is not None else v
     lb = lower_bound.contiguous() if lower_bound is not None else v
     BB, BD, warps = _blocks(B, H, v.device)
-    launcher(_fwd_kernel)[(triton.cdiv(B, BB), triton.cdiv(H, BD))](
+    launcher(_fwd_kernel)[(cdiv(B, BB), cdiv(H, BD))](
         q_in, f_in, lb, v, h0, y, states, hT, B, T, H, scale, GATED=gated, HAS_LB=lower_bound is not None,
         HAS_H0=initial_state is not None, BB=BB, BD=BD, num_warps=warps)
     return y.view(B, T, H, 1), hT, states
@@ -284,7 +285,7 @@ def backward(q_in, f_in, lower_bound, v, initial_state, states, dy, dht, scale, 
     dv = torch.empty_like(v)
     dh0 = torch.empty(B, H, 1, 1, device=v.device, dtype=torch.float32)
     BB, BD, warps = _blocks(B, H, v.device)
-    grid = (triton.cdiv(B, BB), triton.cdiv(H, BD))
+    grid = (cdiv(B, BB), cdiv(H, BD))
     has_lb = lower_bound is not None
     dlb_part = torch.empty(grid[0] if has_lb else 0, H, device=v.device, dtype=torch.float32)
     h0 = initial_state.contiguous() if initial_state is not None else v  # placeholders, as in forward

@@ -13,6 +13,12 @@ _FAST_RANGE = 60.0  # exp(60) = 1.1e26 and exp(-60) = 8.8e-27: finite and normal
 _DIMS = (16, 32, 64, 128, 256)  # K and V the kernels take: powers of two, 16 the smallest matmul side
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host: `triton.cdiv` is a constexpr function in newer Triton, several
+    microseconds a call outside a kernel."""
+    return -(-a // b)
+
+
 def triton_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
     """The Triton path: CUDA bf16 (fp32 up to K = 128) tensors, T > 0, K and V in {16, ..., 256}."""
     # fp16 takes the PyTorch path: it has too little range for the in-chunk factors. fp32 stops at
@@ -63,6 +69,9 @@ CONFIG = {
     # the whole-chunk path alone first needs fewer registers. Below it one launch takes every path
     # (two launches fault at V = 16 with Triton 3.6).
     "two_pass_min_dim": 64,
+    # Eager launches on real tensors through each kernel's compiled launcher (launch.py `_Launch`),
+    # not Triton's per-call dispatch: the same kernels, less host time a launch.
+    "direct_launch": True,
 }
 
 # Per-shape overrides of CONFIG, keyed (K, V, dtype), or (K, V, dtype, variant) for one variant of

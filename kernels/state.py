@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 from hgrn2mini.kernels import launch
-from hgrn2mini.kernels.settings import _BT, CONFIG, _dot_config
+from hgrn2mini.kernels.settings import _BT, CONFIG, _dot_config, cdiv
 from hgrn2mini.kernels.tiles import _exp, _expm1, _head, _load_tile
 
 
@@ -254,7 +254,7 @@ def _run_states(q, g, x, h0, reverse, scale, join_later=False):
     (JOIN), else False (the states are global already)."""
     B, T, H, K = q.shape
     V = x.shape[-1]
-    NT = triton.cdiv(T, _BT)
+    NT = cdiv(T, _BT)
     DT, PREC, _ = _dot_config(q.dtype)
     dev = q.device
     states = torch.empty(B * H, NT, K, V, device=dev, dtype=q.dtype)

@@ -332,3 +332,97 @@ def test_eager_calls_run_the_bodies_with_raw_launches(monkeypatch):
     (o.sum() + hT.sum()).backward()
     assert seen == [("_forward", False), ("_backward_body", False)]
     assert is_wrap_triton_enabled()  # restored after the call
+
+
+class _FakeCompiled:
+    """Stands for Triton's CompiledKernel: records the launcher calls."""
+
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def run(self, *a):
+        self.calls.append(("compiled", a))
+
+
+class _FakeKernel:
+    """Stands for a JITFunction of signature (x, n, BLOCK): `kernel[grid](...)` is Triton's own launch."""
+
+    arg_names = ["x", "n", "BLOCK"]
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(("triton", grid, args, tuple(sorted(kwargs.items(), key=lambda kv: kv[0]))))
+            return _FakeCompiled(self.calls)
+        return run
+
+
+def test_direct_launch_reuses_a_compiled_kernel_only_for_its_specialization(monkeypatch):
+    """`launch._Launch`: a launch goes through Triton the first time for each specialization (dtype
+    and 16-byte alignment of each tensor, each int's value, constexprs, options, device) and through
+    the compiled kernel's launcher after, with every argument in the kernel's signature order."""
+    from hgrn2mini.kernels import launch
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_raw_stream", lambda device: 1234)
+    monkeypatch.setattr(launch, "_hooked", lambda: False)
+    k = _FakeKernel()
+    L = launch._Launch(k)
+    buf = torch.zeros(64, dtype=torch.float32)
+    x, misaligned = buf[:16], buf[1:17]
+    kinds = lambda: [c[0] for c in k.calls]
+
+    L[(4,)](x, 7, BLOCK=32, num_warps=4)
+    L[(4,)](x, 7, BLOCK=32, num_warps=4)
+    assert kinds() == ["triton", "compiled"]
+    assert k.calls[1][1] == (4, 1, 1, 1234, "fn", "meta", None, None, None, x, 7, 32)
+    L[(2, 3)](x, BLOCK=32, n=7, num_warps=4)  # keywords in another order, another grid: the same kernel
+    assert kinds()[-1] == "compiled" and k.calls[-1][1][:3] == (2, 3, 1) and k.calls[-1][1][-3:] == (x, 7, 32)
+    for args, kwargs in [((x, 8), dict(BLOCK=32, num_warps=4)),          # another int
+                         ((x.double(), 7), dict(BLOCK=32, num_warps=4)),  # another dtype
+                         ((misaligned, 7), dict(BLOCK=32, num_warps=4)),  # not 16-byte aligned
+                         ((x, 7), dict(BLOCK=64, num_warps=4)),           # another constexpr
+                         ((x, 7), dict(BLOCK=32, num_warps=8))]:          # another option
+        n = len(k.calls)
+        L[(4,)](*args, **kwargs)
+        L[(4,)](*args, **kwargs)
+        assert kinds()[n:] == ["triton", "compiled"], (args, kwargs)
+    n = len(k.calls)
+    L[(4,)](x, 7)  # BLOCK left to a default: Triton's binder decides, every time
+    L[(4,)](x, 7)
+    assert kinds()[n:] == ["triton", "triton"]
+    monkeypatch.setattr(launch, "_hooked", lambda: True)  # a profiler's launch hook: through Triton
+    n = len(k.calls)
+    L[(4,)](x, 7, BLOCK=32, num_warps=4)
+    assert kinds()[n:] == ["triton"]
+
+
+@pytest.mark.gpu
+def test_direct_launch_equals_tritons_own_cuda(monkeypatch):
+    """The op's eager forward and backward through the compiled launchers (`launch._Launch`) give
+    bit for bit what Triton's own launches give, at a length that is not a multiple of the chunk."""
+    from hgrn2mini.kernels import launch
+    from hgrn2mini.kernels.settings import CONFIG
+
+    torch.manual_seed(0)
+    B, T, H, K = 2, 200, 3, 64
+    y, x = (torch.randn(B, T, H * K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    lb = torch.rand(H * K, device="cuda")
+
+    def run():
+        o, hT = gated_chunk_hgrn2(y, x, lb, v)
+        return (o, hT, *torch.autograd.grad(o.float().square().sum() + hT.sum(), (y, x, v)))
+
+    monkeypatch.setitem(CONFIG, "direct_launch", False)
+    want = run()
+    monkeypatch.setitem(CONFIG, "direct_launch", True)
+    launch._LAUNCHES.clear()
+    first, second = run(), run()  # the first through Triton, the second through the launchers
+    assert launch._LAUNCHES and all(L.compiled for L in launch._LAUNCHES.values())
+    for a, b, c in zip(want, first, second):
+        assert torch.equal(a, b) and torch.equal(a, c)
