@@ -25,6 +25,8 @@ the wrappers compute the reference instead.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -33,6 +35,7 @@ from hgrn2mini.kernels.gates import _INTERPRET, _INTERPRETING, MASKED_F_LOGIT, _
 from hgrn2mini.kernels.norm import rms_norm_ref
 from hgrn2mini.kernels.settings import cdiv
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _MASKED = tl.constexpr(MASKED_F_LOGIT)
 DOT_MIN_BATCH = 16  # tl.dot's smallest tile side; below it a tile of rows would be mostly padding
@@ -151,39 +154,75 @@ def _rstd(x, rows, B, Kd, eps, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _matvec(x, nw, r, w0, w1, rows, cols, B, N, Kd, NORM: tl.constexpr, TWO: tl.constexpr, DOT: tl.constexpr,
-            DOT_PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w_tiles(w0, w1, cols, N, Kd, ck, TWO: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] tiles of W0 (and W1 where TWO) [N, Kd] at output columns cols, inputs ck."""
+    wm = (cols < N)[:, None] & (ck < Kd)[None, :]
+    wo = cols[:, None] * Kd + ck[None, :]
+    wt0 = tl.load(w0 + wo, mask=wm, other=0.0)
+    wt1 = wt0
+    if TWO:
+        wt1 = tl.load(w1 + wo, mask=wm, other=0.0)
+    return wt0, wt1
+
+
+@triton.jit
+def _mv_slice(acc0, acc1, x, nw, r, wt0, wt1, rows, B, Kd, ck, NORM: tl.constexpr, TWO: tl.constexpr,
+              DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc += norm(x)[rows, ck] times the weight tiles (`_matvec`): NORM 0 none, 1 rmsnorm by r,
+    2 by r and weight nw; the normalized x rounded to W's dtype, as the PyTorch norm returns x's dtype."""
+    mk = ck < Kd
+    xt = tl.load(x + rows[:, None] * Kd + ck[None, :], mask=(rows < B)[:, None] & mk[None, :], other=0.0)
+    if NORM > 0:
+        xf = xt.to(tl.float32) * r[:, None]
+        if NORM == 2:
+            xf = xf * tl.load(nw + ck, mask=mk, other=0.0).to(tl.float32)[None, :]
+        xt = xf.to(wt0.dtype)
+    if DOT:
+        acc0 += tl.dot(xt, tl.trans(wt0), input_precision=DOT_PREC)
+        if TWO:
+            acc1 += tl.dot(xt, tl.trans(wt1), input_precision=DOT_PREC)
+    else:
+        xe = xt.to(tl.float32)[:, None, :]
+        acc0 += xe * wt0.to(tl.float32)[None, :, :]
+        if TWO:
+            acc1 += xe * wt1.to(tl.float32)[None, :, :]
+    return acc0, acc1
+
+
+@triton.jit
+def _after_previous_kernel(PDL: tl.constexpr):
+    """With programmatic dependent launch (PDL), this kernel starts while the previous one in the
+    stream finishes: what comes before this call may read only what no kernel of the step writes
+    (the weights; the state, which only this layer's recurrent step writes, one token earlier).
+    Here it waits for the previous kernel's writes, then lets the next kernel start in turn."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _matvec(x, nw, w0, w1, rows, cols, B, N, Kd, eps, NORM: tl.constexpr, TWO: tl.constexpr, DOT: tl.constexpr,
+            DOT_PREC: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr):
     """fp32 [BLOCK_B, BLOCK_N] tiles of norm(x) W0^T (and W1^T where TWO) for rows of x [B, Kd]
-    and output columns `cols` of W [N, Kd]. NORM: 0 none, 1 rmsnorm by r, 2 by r and weight nw;
-    the normalized x is rounded to W's dtype, as the PyTorch norm returns x's dtype."""
+    and output columns `cols` of W [N, Kd]; the norm's 1 / rms of each row first (`_rstd`). The
+    first K slice of the weights is loaded before the wait for the previous kernel (PDL)."""
     if DOT:
         acc0 = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     else:  # elementwise products kept per K lane, summed once after the loop
         acc0 = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc1 = acc0
-    for k0 in range(0, Kd, BLOCK_K):
+    ck = tl.arange(0, BLOCK_K)
+    wt0, wt1 = _w_tiles(w0, w1, cols, N, Kd, ck, TWO)
+    _after_previous_kernel(PDL)
+    r = tl.zeros([BLOCK_B], dtype=tl.float32)
+    if NORM > 0:
+        r = _rstd(x, rows, B, Kd, eps, BLOCK_B, BLOCK_K)
+    acc0, acc1 = _mv_slice(acc0, acc1, x, nw, r, wt0, wt1, rows, B, Kd, ck, NORM, TWO, DOT, DOT_PREC)
+    for k0 in range(BLOCK_K, Kd, BLOCK_K):
         ck = k0 + tl.arange(0, BLOCK_K)
-        mk = ck < Kd
-        xt = tl.load(x + rows[:, None] * Kd + ck[None, :], mask=(rows < B)[:, None] & mk[None, :], other=0.0)
-        if NORM > 0:
-            xf = xt.to(tl.float32) * r[:, None]
-            if NORM == 2:
-                xf = xf * tl.load(nw + ck, mask=mk, other=0.0).to(tl.float32)[None, :]
-            xt = xf.to(w0.dtype.element_ty)
-        wm = (cols < N)[:, None] & mk[None, :]
-        wo = cols[:, None] * Kd + ck[None, :]
-        wt0 = tl.load(w0 + wo, mask=wm, other=0.0)
-        if TWO:
-            wt1 = tl.load(w1 + wo, mask=wm, other=0.0)
-        if DOT:
-            acc0 += tl.dot(xt, tl.trans(wt0), input_precision=DOT_PREC)
-            if TWO:
-                acc1 += tl.dot(xt, tl.trans(wt1), input_precision=DOT_PREC)
-        else:
-            xe = xt.to(tl.float32)[:, None, :]
-            acc0 += xe * wt0.to(tl.float32)[None, :, :]
-            if TWO:
-                acc1 += xe * wt1.to(tl.float32)[None, :, :]
+        wt0, wt1 = _w_tiles(w0, w1, cols, N, Kd, ck, TWO)
+        acc0, acc1 = _mv_slice(acc0, acc1, x, nw, r, wt0, wt1, rows, B, Kd, ck, NORM, TWO, DOT, DOT_PREC)
     if not DOT:
         acc0 = tl.sum(acc0, 2)
         if TWO:
@@ -194,7 +233,7 @@ def _matvec(x, nw, r, w0, w1, rows, cols, B, N, Kd, NORM: tl.constexpr, TWO: tl.
 @triton.jit
 def _matvec_kernel(x, nw, w0, w1, w2, res, out, B, N, Kd, eps, NUM_W: tl.constexpr, NORM: tl.constexpr,
                    GLU: tl.constexpr, RESIDUAL: tl.constexpr, DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   PDL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[.., rows, cols] of one of three products, by the constexprs:
     NUM_W weights, program column j: out[j // nb] = norm(x) W_{j // nb}^T     (q/f/i; o; down)
     GLU:  out = silu(norm(x) W0^T) * (norm(x) W1^T)                          (gate, up)
@@ -204,9 +243,6 @@ def _matvec_kernel(x, nw, w0, w1, w2, res, out, B, N, Kd, eps, NUM_W: tl.constex
     which = pid // nb
     cols = (pid % nb) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    r = tl.zeros([BLOCK_B], dtype=tl.float32)
-    if NORM > 0:
-        r = _rstd(x, rows, B, Kd, eps, BLOCK_B, BLOCK_K)
     w = w0
     if NUM_W > 1:
         if which == 1:
@@ -214,7 +250,7 @@ def _matvec_kernel(x, nw, w0, w1, w2, res, out, B, N, Kd, eps, NUM_W: tl.constex
         if NUM_W > 2:
             if which == 2:
                 w = w2
-    acc0, acc1 = _matvec(x, nw, r, w, w1, rows, cols, B, N, Kd, NORM, GLU, DOT, DOT_PREC, BLOCK_B, BLOCK_N,
+    acc0, acc1 = _matvec(x, nw, w, w1, rows, cols, B, N, Kd, eps, NORM, GLU, DOT, DOT_PREC, PDL, BLOCK_B, BLOCK_N,
                          BLOCK_K)
     dt = out.dtype.element_ty
     y = acc0.to(dt)
@@ -229,7 +265,7 @@ def _matvec_kernel(x, nw, w0, w1, w2, res, out, B, N, Kd, eps, NUM_W: tl.constex
 
 
 @triton.jit
-def _recurrent_kernel(qfi, lb, live, state, o, B, D, H, K, V, scale, HAS_LB: tl.constexpr,
+def _recurrent_kernel(qfi, lb, live, state, o, B, D, H, K, V, scale, HAS_LB: tl.constexpr, PDL: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     """Row b, head h, value columns of one block: the gates from the logits (qfi [3, B, D]), the
     state tile [K, BLOCK_V] updated in place (not stored for a row not live), o = scale q^T h."""
@@ -238,6 +274,9 @@ def _recurrent_kernel(qfi, lb, live, state, o, B, D, H, K, V, scale, HAS_LB: tl.
     ck = tl.arange(0, BLOCK_K)  # K is a power of two: BLOCK_K == K
     cv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     mv = cv < V
+    off = ((b * H + h) * K + ck[:, None]) * V + cv[None, :]
+    s = tl.load(state + off, mask=mv[None, :], other=0.0)
+    _after_previous_kernel(PDL)
     q_logit = tl.load(qfi + b * D + h * K + ck).to(tl.float32)
     f_logit = tl.load(qfi + B * D + b * D + h * K + ck).to(tl.float32)
     v = tl.load(qfi + 2 * B * D + b * D + h * V + cv, mask=mv, other=0.0).to(tl.float32)
@@ -247,8 +286,6 @@ def _recurrent_kernel(qfi, lb, live, state, o, B, D, H, K, V, scale, HAS_LB: tl.
     q = (q_logit / (1.0 + tl.exp(-q_logit))).to(qfi.dtype.element_ty).to(tl.float32) * scale
     g = tl.reshape(_log_gate(f_logit[None, :], lb + h * K, ck, HAS_LB), [BLOCK_K])  # log f, fp32
     k = -_expm1(g)  # 1 - f, accurate when f is close to 1
-    off = ((b * H + h) * K + ck[:, None]) * V + cv[None, :]
-    s = tl.load(state + off, mask=mv[None, :], other=0.0)
     s = tl.exp(g)[:, None] * s + k[:, None] * v[None, :]
     tl.store(state + off, s, mask=alive[:, None] & mv[None, :])
     out = tl.sum(q[:, None] * s, 0)
@@ -258,6 +295,22 @@ def _recurrent_kernel(qfi, lb, live, state, o, B, D, H, K, V, scale, HAS_LB: tl.
 # ----------------------------------------------------------------------------------------------
 # Wrappers: argument checks, launch settings, the reference where no kernel can run
 # ----------------------------------------------------------------------------------------------
+
+
+# Programmatic dependent launch (Hopper on): each kernel launched while the previous one finishes,
+# its first weight slice loaded before it waits (`_after_previous_kernel`). Off: plain launches.
+USE_PDL = True
+
+
+def _pdl(t: torch.Tensor) -> bool:
+    """Whether t's kernels launch with PDL: USE_PDL, on a GPU of compute capability 9 or more."""
+    return USE_PDL and t.is_cuda and _capability(t.device.index if t.device.index is not None
+                                                 else torch.cuda.current_device()) >= 9
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _runs_kernels(t: torch.Tensor) -> bool:
@@ -292,10 +345,11 @@ def _launch_matvec(kernel: str, x, norm_weight, eps, weights, out, residual, nor
     w = list(weights) + [weights[0]] * (3 - len(weights))  # unused pointers are never read
     num_w = 1 if glu else len(weights)
     grid = (num_w * cdiv(N, s["BLOCK_N"]), cdiv(B, s["BLOCK_B"]))
+    pdl = _pdl(x)
     _matvec_kernel[grid](x, nw, w[0], w[1], w[2], residual if residual is not None else out, out, B, N, Kd,
                          float(eps), NUM_W=num_w, NORM=(0 if not norm else 2 if norm_weight is not None else 1),
                          GLU=glu, RESIDUAL=residual is not None, DOT=dot,
-                         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", **s)
+                         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, launch_pdl=pdl, **s)
 
 
 def norm_matvec(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, weights, out: torch.Tensor):
@@ -380,9 +434,11 @@ def recurrent_step(qfi: torch.Tensor, lower_bound: torch.Tensor | None, live: to
         return o.copy_(new_o)
     s = launch_settings("state", B)
     BV = min(s["BLOCK_V"], triton.next_power_of_2(V))
+    pdl = _pdl(state)
     _recurrent_kernel[(B, H, cdiv(V, BV))](
         qfi, lower_bound if lower_bound is not None else state, live.view(torch.uint8), state, o, B, D, H, K, V,
-        float(scale), HAS_LB=lower_bound is not None, BLOCK_K=K, BLOCK_V=BV, num_warps=s["num_warps"])
+        float(scale), HAS_LB=lower_bound is not None, PDL=pdl, BLOCK_K=K, BLOCK_V=BV, num_warps=s["num_warps"],
+        launch_pdl=pdl)
     return o
 
 

@@ -310,3 +310,24 @@ def test_captured_fused_step_gives_the_eager_fused_tokens(capture):
             assert torch.equal(graphed.tokens, eager.tokens) and rel_err(graphed.state, eager.state) == 0
         else:  # the compiled head rounds differently: the two may part at a near tie only
             agree_until_a_near_tie(model, ids, torch.ones_like(ids), eager.tokens, graphed.tokens, 3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 4, 32])
+def test_programmatic_dependent_launch_changes_no_bit_cuda(B, monkeypatch):
+    """With PDL each kernel starts while the previous one finishes and loads its first weight slice
+    before waiting (`_after_previous_kernel`): the same step, bit for bit, eagerly and replayed from
+    a CUDA graph."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs compute capability 9 or more")
+    model = tiny(seed=4, vocab_size=512, hidden_size=256, layers=4, expand_ratio=64).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 512, (B, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(B))
+    results = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(kd, "USE_PDL", pdl)
+        model.__dict__.pop("_decoder", None)  # graphs captured afresh with this setting
+        x, _, s = one_step(model, B, fused=True)
+        graphed = model.generate(ids, 24, temperature=0, capture="graph", fused=True).result()
+        results[pdl] = (x, s, graphed.tokens, graphed.state)
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)

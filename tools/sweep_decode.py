@@ -4,8 +4,9 @@
 
 Each kernel runs over 24 layers' weights in turn (so L2 holds none of them) inside a CUDA graph,
 at batch 1 ("b1") and 32 ("dot"), for the shipped setting first and then each candidate until
-SWEEP_S seconds have passed. Prints microseconds a call and the bandwidth of the weights and state
-read; writes DIR/sweep_decode.json.
+SWEEP_S seconds have passed, and the shipped setting once more without programmatic dependent
+launch (kernels.decode.USE_PDL). Prints microseconds a call and the bandwidth of the weights and
+state read; writes DIR/sweep_decode.json.
 """
 import itertools
 import json
@@ -84,9 +85,12 @@ for regime, B in (("b1", 1), ("dot", 32)):
             except Exception as e:
                 rows.append((float("inf"), dict(c, error=repr(e)[:80])))
         kd.LAUNCH[kernel][regime] = base
+        kd.USE_PDL = False  # the shipped setting without programmatic dependent launch, for comparison
+        no_pdl = timed(fn)
+        kd.USE_PDL = True
         rows.sort(key=lambda r: r[0])
         b_us = next((us for us, c in rows if c == base), float("nan"))
-        print(f"{regime} {kernel}: shipped {b_us:.2f} us ({nbytes / b_us / 1e3:.0f} GB/s); best "
+        print(f"{regime} {kernel}: shipped {b_us:.2f} us ({nbytes / b_us / 1e3:.0f} GB/s; {no_pdl:.2f} without PDL); best "
               + "; ".join(f"{us:.2f} {c}" for us, c in rows[:3]), flush=True)
-        res[f"{regime}_{kernel}"] = dict(shipped_us=b_us, bytes=nbytes, best=[(us, c) for us, c in rows[:5]])
+        res[f"{regime}_{kernel}"] = dict(shipped_us=b_us, no_pdl_us=no_pdl, bytes=nbytes, best=[(us, c) for us, c in rows[:5]])
 json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), "sweep_decode.json"), "w"), indent=1, default=str)
