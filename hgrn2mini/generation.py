@@ -1,7 +1,8 @@
 """Generation: the prompt through the chunk op, then one constant-cost recurrent step per token.
 
 HGRN2's only cache is its state, [L, B, H, K, V] fp32 whatever the length. `generate` reads the
-prompt with the model's forward (the chunk op), then runs `_decode_step` once per new token: the
+prompt with the model's forward (the chunk op; on CUDA at a bucketed length, replayed from a CUDA
+graph, `hgrn2mini.prefill`), then runs `_decode_step` once per new token: the
 embedding, every layer's exact recurrent step (`hgrn2_recurrent_step`), the final norm, the head and
 the choice of the next token, all on the device and in place on static buffers allocated once per
 batch size (`_Buffers`). Nothing in the step allocates on the host or waits for the device, so it
@@ -46,11 +47,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hgrn2mini import decode
+from hgrn2mini import decode, prefill
 from hgrn2mini.checks import check_attention_mask
 from hgrn2mini.decode import _block_step, _Buffers, _graphed
 from hgrn2mini.model import HGRN2ForCausalLM
 from hgrn2mini.ops import check_state
+from hgrn2mini.prefill import Prefill, read_prompt
 
 CAPTURES = ("auto", "none", "graph", "compile", "compile+graph")
 # Every CHECK_EVERY tokens the loop asks (without waiting) whether any row is still running: rare
@@ -132,6 +134,11 @@ def _decode_step(model: HGRN2ForCausalLM, b: _Buffers, spec: _Sampling, block=_b
     head(model, x, b, spec)
 
 
+def _bucketed(ids: torch.Tensor) -> bool:
+    """Whether the prompt is read at bucketed lengths (`hgrn2mini.prefill`): on CUDA."""
+    return ids.is_cuda
+
+
 class _Decoder:
     """A model's decode buffers and steps, kept between calls (as an attribute of the model). They
     are dropped when the model's parameters move (`.to`, a new dtype): the graphs read the
@@ -140,6 +147,7 @@ class _Decoder:
     def __init__(self):
         self.key, self.buffers, self.steps, self.pool = (), {}, {}, None  # steps[B, _Sampling, capture]
         self.owner = {}  # B -> weakref of the Generation using buffers[B]
+        self.prefills, self.prefill_states, self.prefill_pool = {}, {}, None  # [B, bucket, captured]; [B]
 
     def __deepcopy__(self, memo):
         return _Decoder()
@@ -156,6 +164,17 @@ class _Decoder:
             d.__init__()
             d.key = key
         return d
+
+    def prefill(self, model: HGRN2ForCausalLM, B: int, Tb: int, capture: str) -> Prefill:
+        """The prompt's forward at batch size B and bucket length Tb (`hgrn2mini.prefill`),
+        captured at its first use unless capture is "none"."""
+        captured = capture != "none"
+        if (B, Tb, captured) not in self.prefills:
+            if B not in self.prefill_states:  # one buffer for every bucket of a batch size
+                self.prefill_states[B] = torch.zeros(model.model.state_shape(B), device=self.key[0])
+            self.prefill_pool = self.prefill_pool or (torch.cuda.graph_pool_handle() if captured else None)
+            self.prefills[B, Tb, captured] = Prefill(model, Tb, self.prefill_states[B], captured, self.prefill_pool)
+        return self.prefills[B, Tb, captured]
 
     def step(self, model: HGRN2ForCausalLM, B: int, spec: _Sampling, capture: str, fused: bool = False):
         """The step for batch size B: captured (and compiled) at its first use, before the buffers
@@ -249,12 +268,17 @@ class Generation(Iterator):
         if b.lower_bounds is not None:  # lb = cumsum(softmax(P over layers)) - S[0], as the model's forward
             S = model.model.lower_bounds.softmax(0, dtype=torch.float32)
             b.lower_bounds.copy_(S.cumsum(0) - S[0])
-        x, state = model.model(ids, self._state0, return_state=True, attention_mask=self._mask)
+        if _bucketed(ids):  # at bucketed lengths, one graph a piece (hgrn2mini.prefill)
+            x, state = read_prompt(lambda Tb: self._decoder.prefill(model, B, Tb, self._capture), ids, self._mask,
+                                   self._state0)
+        else:
+            x, state = model.model(ids, self._state0, return_state=True, attention_mask=self._mask)
+            x = x[:, -1]
         b.state.copy_(state)
         b.lengths.zero_()
         if self._n > 0:
             self._refill()
-            b.tok.copy_(_choose(model.lm_head(x[:, -1]), b, self._spec))
+            b.tok.copy_(_choose(model.lm_head(x), b, self._spec))
             b.live.fill_(True)
             b.lengths.fill_(1)
 
@@ -387,17 +411,24 @@ def warmup(model: HGRN2ForCausalLM, batch_sizes: Iterable[int] = (1,), max_promp
     """Runs a 2-token generation at every batch size and prompt length, so that later calls at
     these batch sizes compile nothing: the decode step is captured (and compiled) once per batch
     size and sampling kind (pass the temperature / top_k / top_p / capture of the real calls in
-    kwargs), and the prompt's kernels are built. The prefill's kernels vary with the length T by
-    the launch plan (a function of the number of 64-token chunks and B * H) and by T % 16 == 0, on
-    which Triton specializes integers: prompt_lengths None takes `kernels.chunk.prefill_lengths`,
-    one length per plan and residue, which covers every length up to max_prompt_len. With padded,
-    each length also runs with an attention mask. Prompts are token 0."""
+    kwargs), and the prompt's forward is built. On CUDA a prompt is read at a bucket length
+    (`hgrn2mini.prefill.bucket`), so prompt_lengths None takes one length per bucket up to
+    max_prompt_len's. Elsewhere the prefill's kernels vary with the length T by the launch plan (a
+    function of the number of 64-token chunks and B * H) and by T % 16 == 0, on which Triton
+    specializes integers: prompt_lengths None then takes `kernels.chunk.prefill_lengths`, one
+    length per plan and residue, and with padded each length also runs with an attention mask.
+    Prompts are token 0."""
     from hgrn2mini.kernels.chunk import prefill_lengths
 
     c, device = model.config, next(model.parameters()).device
     for B in batch_sizes:
-        lengths = prompt_lengths if prompt_lengths is not None else prefill_lengths(
-            B, c.num_heads, c.head_k_dim, c.head_v_dim, max_prompt_len, device)
+        if prompt_lengths is not None:
+            lengths = prompt_lengths
+        elif device.type == "cuda":
+            lengths = sorted({prefill.bucket(T) for T in range(1, min(max_prompt_len, prefill.MAX_BUCKET) + 1)})
+            padded = False  # the bucketed forward always reads a mask
+        else:
+            lengths = prefill_lengths(B, c.num_heads, c.head_k_dim, c.head_v_dim, max_prompt_len, device)
         for T in lengths:
             ids = torch.zeros(B, T, dtype=torch.long, device=device)
             for mask in [None, torch.ones_like(ids)] if padded else [None]:

@@ -6,11 +6,11 @@ import gc
 
 import pytest
 import torch
-from hgrn2mini.kernels.launch import launcher
 from hgrn2mini.kernels.gates import gates_triton
+from hgrn2mini.kernels.launch import launcher
 from naive import rel_err
 
-from hgrn2mini import HGRN2Config, HGRN2ForCausalLM
+from hgrn2mini import HGRN2Config, HGRN2ForCausalLM, prefill
 from hgrn2mini import generation as gen
 from hgrn2mini.generation import CHECK_EVERY, sample, warmup
 from hgrn2mini.model import MASKED_F_LOGIT
@@ -425,3 +425,85 @@ def test_no_compilation_after_warmup_across_five_prompt_lengths(many_recompiles)
             model.generate(ids.cuda(), 8, temperature=0, attention_mask=mask.cuda(), capture="compile+graph").result()
             model.generate(ids.cuda(), 8, temperature=0, capture="compile+graph").result()  # unmasked
     assert gen.compile_counts() == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts read at bucketed lengths (hgrn2mini.prefill; on CUDA, captured)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_buckets_and_pieces_cover_every_length(monkeypatch):
+    monkeypatch.setattr(prefill, "MAX_BUCKET", 256)
+    for T in range(1, 1100):
+        b = prefill.bucket(T)
+        assert b in (64, 128, 256) and (b >= T or b == 256) and (b == 64 or b // 2 < T), (T, b)
+        ps = prefill.pieces(T)
+        assert ps[0][0] == 0 and ps[-1][1] == T and all(p[1] == q[0] for p, q in zip(ps, ps[1:])), (T, ps)
+        assert 1 <= ps[0][1] <= 256 and all(e - s == 256 for s, e in ps[1:]), (T, ps)
+
+
+def prefills(model, buffer, captured, pool=None):
+    """A get(bucket length) for `prefill.read_prompt`, making each bucket's Prefill once, and what it made."""
+    made = {}
+
+    def get(Tb):
+        if Tb not in made:
+            made[Tb] = prefill.Prefill(model, Tb, buffer, captured, pool)
+        return made[Tb]
+    return get, made
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 150])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_bucketed_prompt_equals_the_plain_forward(T, with_state, monkeypatch):
+    """A left-padded batch read at its bucket length, past MAX_BUCKET (64 here) in pieces that
+    each start from the state the previous one left in the shared buffer: the plain forward's last
+    hidden state and state, to fp32 rounding."""
+    monkeypatch.setattr(prefill, "MAX_BUCKET", 64)
+    model = tiny(seed=T)
+    ids, mask = left_pad(prompts([T, max(1, T - 5)]))
+    state0 = torch.randn(model.model.state_shape(2)) * 0.5 if with_state else None
+    buffer = torch.full(model.model.state_shape(2), float("nan"))
+    get, made = prefills(model, buffer, False)
+    with torch.no_grad():
+        x_ref, s_ref = model.model(ids, state0, return_state=True, attention_mask=mask)
+        x, s = prefill.read_prompt(get, ids, mask, state0)
+    assert s is buffer and list(made) == [64]
+    assert rel_err(x, x_ref[:, -1]) <= TOL_FP32 and rel_err(s, s_ref) <= TOL_FP32
+
+
+def test_generation_with_bucketed_prompts_gives_the_same_tokens(monkeypatch):
+    """generate's bucketed path (CUDA's, run eagerly here): the tokens and the state of the plain
+    path, for a left-padded batch and a prompt longer than MAX_BUCKET."""
+    model = tiny(seed=9)
+    ids, mask = left_pad(prompts([150, 40, 3]))
+    kw = dict(temperature=0, attention_mask=mask, capture="none", fused=False)
+    want = model.generate(ids, 12, **kw).result()
+    monkeypatch.setattr(gen, "_bucketed", lambda ids: True)
+    monkeypatch.setattr(prefill, "MAX_BUCKET", 128)
+    got = model.generate(ids, 12, **kw).result()
+    assert set(gen._Decoder.of(model).prefills) == {(3, 64, False), (3, 128, False)}
+    assert torch.equal(got.tokens, want.tokens) and rel_err(got.state, want.state) <= TOL_FP32
+
+
+@pytest.mark.gpu
+def test_captured_prompt_reads_what_the_eager_one_reads(monkeypatch):
+    """Prefill's CUDA graphs, replayed for pieces chained through the shared state buffer (three
+    pieces past MAX_BUCKET = 128), against the same bucketed forward run eagerly: the same bits."""
+    monkeypatch.setattr(prefill, "MAX_BUCKET", 128)
+    model = cuda_model(torch.bfloat16)
+    ids, mask = left_pad(prompts([300, 77], vocab=512))
+    ids, mask = ids.cuda(), mask.cuda()
+    state0 = torch.randn(model.model.state_shape(2), device="cuda") * 0.3
+    runs = []
+    with torch.no_grad():
+        for captured in (False, True):
+            buffer = torch.zeros(model.model.state_shape(2), device="cuda")
+            get, made = prefills(model, buffer, captured, torch.cuda.graph_pool_handle() if captured else None)
+            for _ in range(2):  # captured: the first call captures, the second replays
+                x, s = prefill.read_prompt(get, ids, mask, state0)
+                runs.append((x.clone(), s.clone()))
+            assert sorted(made) == [64, 128]
+    for x, s in runs[1:]:
+        assert torch.equal(x, runs[0][0]) and torch.equal(s, runs[0][1])
+    assert torch.isfinite(runs[0][1]).all()
