@@ -64,8 +64,9 @@ GRID = {
                itertools.product(*({"qfi": ([4, 8, 16], [256, 512], [4, 8]), "glu": ([4, 8, 16], [256, 512], [4, 8]),
                                    "o": ([2, 4, 8], [512, 1024], [4, 8]), "down": ([2, 4, 8], [512, 1024], [4, 8])}[k]))]
            for k in ("qfi", "o", "glu", "down")},
-    "dot": {k: [dict(BLOCK_B=32, BLOCK_N=n, BLOCK_K=bk, num_warps=w, num_stages=s) for n, bk, w, s in
-                itertools.product([16, 32, 64], [64, 128], [4, 8], [2, 3])] for k in ("qfi", "o", "glu", "down")},
+    # BLOCK_B 16: two row blocks at B = 32, twice the programs of one (each reading every weight)
+    "dot": {k: [dict(BLOCK_B=b, BLOCK_N=n, BLOCK_K=bk, num_warps=w, num_stages=s) for b, n, bk, w, s in
+                itertools.product([32, 16], [16, 32, 64], [64, 128], [4, 8], [2, 3])] for k in ("qfi", "o", "glu", "down")},
 }
 GRID["b1"]["state"] = [dict(BLOCK_V=v, num_warps=w) for v in (8, 16, 32, 64) for w in (2, 4, 8)]
 GRID["dot"]["state"] = [dict(BLOCK_V=v, num_warps=w) for v in (16, 32, 64, 128) for w in (4, 8)]
