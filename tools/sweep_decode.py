@@ -64,9 +64,11 @@ GRID = {
                itertools.product(*({"qfi": ([4, 8, 16], [256, 512], [4, 8]), "glu": ([4, 8, 16], [256, 512], [4, 8]),
                                    "o": ([2, 4, 8], [512, 1024], [4, 8]), "down": ([2, 4, 8], [512, 1024], [4, 8])}[k]))]
            for k in ("qfi", "o", "glu", "down")},
-    # BLOCK_B 16: two row blocks at B = 32, twice the programs of one (each reading every weight)
-    "dot": {k: [dict(BLOCK_B=b, BLOCK_N=n, BLOCK_K=bk, num_warps=w, num_stages=s) for b, n, bk, w, s in
-                itertools.product([32, 16], [16, 32, 64], [64, 128], [4, 8], [2, 3])] for k in ("qfi", "o", "glu", "down")},
+    # Longer K slices first: at B = 32 a program's [BLOCK_N, BLOCK_K] weight tile per stage is all it
+    # has in flight, and o and down have 64 programs of 16 rows. BLOCK_B 16: twice the programs.
+    "dot": {k: [dict(BLOCK_B=b, BLOCK_N=n, BLOCK_K=bk, num_warps=w, num_stages=s) for bk, b, n, w, s in
+                itertools.product([256, 512, 128, 64], [32, 16], [16, 32, 64], [4, 8], [3, 2])]
+            for k in ("qfi", "o", "glu", "down")},
 }
 GRID["b1"]["state"] = [dict(BLOCK_V=v, num_warps=w) for v in (8, 16, 32, 64) for w in (2, 4, 8)]
 GRID["dot"]["state"] = [dict(BLOCK_V=v, num_warps=w) for v in (16, 32, 64, 128) for w in (4, 8)]
