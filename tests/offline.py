@@ -4,6 +4,7 @@ a GPU (Triton ships ptxas). Run as a program by tests/test_kernels.py, in a proc
 
     python tests/offline.py --check K V    (exit status: every variant compiles)
     python tests/offline.py --writes       (exit status: no input reported written)
+    python tests/offline.py --decode-pdl   (exit status: the decode kernels compile with PDL)
 
 --check compiles every variant the op launches of the kernels that take `scale` (the chunk
 kernels at K, V; the K = V = 1 scan's, whatever K, V), with `scale`
@@ -183,17 +184,60 @@ def writes() -> int:
     return bad
 
 
+def decode_pdl() -> int:
+    """Compiles the fused decode kernels (kernels/decode.py) for sm_90 with programmatic dependent
+    launch, each launch setting of the 374M shapes' regimes: each must wait (griddepcontrol.wait)
+    after loading its first weight slice (the recurrent step: its state tile), before anything
+    else. Prints one line per variant, returns the number that failed."""
+    from hgrn2mini.kernels import decode as kd
+
+    mv = dict(x="*bf16", nw="*bf16", w0="*bf16", w1="*bf16", w2="*bf16", res="*bf16", out="*bf16", B="i32",
+              N="i32", Kd="i32", eps="fp32")
+    kinds = {"qfi": dict(NUM_W=3, NORM=2, GLU=False, RESIDUAL=False),
+             "o": dict(NUM_W=1, NORM=2, GLU=False, RESIDUAL=True),
+             "glu": dict(NUM_W=1, NORM=2, GLU=True, RESIDUAL=False),
+             "down": dict(NUM_W=1, NORM=0, GLU=False, RESIDUAL=True)}
+    variants = []
+    for regime in ("b1", "small", "dot"):
+        for name, consts in kinds.items():
+            s = dict(kd.LAUNCH[name][regime])
+            warps, stages = s.pop("num_warps"), s.pop("num_stages", 1)
+            variants.append((f"{name} {regime}", kd._matvec_kernel, mv, {**consts, "DOT": regime == "dot",
+                             "DOT_PREC": "tf32", "PDL": True, **s}, warps, stages))
+    rec = dict(qfi="*bf16", lb="*fp32", live="*u8", state="*fp32", o="*bf16", B="i32", D="i32", H="i32",
+               K="i32", V="i32", scale="fp32")
+    variants.append(("recurrent", kd._recurrent_kernel, rec, dict(HAS_LB=True, PDL=True, BLOCK_K=128, BLOCK_V=16),
+                     4, 1))
+    failed = 0
+    for label, fn, types, consts, warps, stages in variants:
+        try:
+            lines = compile_sm90(fn, types, consts, warps, stages).asm["ptx"].splitlines()
+            wait = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+            loads = [i for i, line in enumerate(lines) if "ld.global" in line]
+            ok = "ok" if len(wait) == 1 and loads and loads[0] < wait[0] else \
+                f"FAILED wait {wait}, first load {loads[:1]}"
+        except Exception as e:  # noqa: BLE001 - reported, counted
+            ok = "FAILED " + str(e).splitlines()[-1][:300]
+        failed += not ok.startswith("ok")
+        print(label, "PDL", ok, flush=True)
+    return failed
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--check", nargs=2, type=int, metavar=("K", "V"), default=None,
                    help="compile every variant taking `scale` as Inductor types it, at these K, V")
     p.add_argument("--writes", action="store_true", help="check torch's analysis of the arguments each kernel writes")
+    p.add_argument("--decode-pdl", action="store_true",
+                   help="compile the decode kernels with PDL, a load before the wait")
     args = p.parse_args()
+    if args.decode_pdl:
+        return 1 if decode_pdl() else 0
     if args.writes:
         return 1 if writes() else 0
     if args.check:
         return 1 if check(*args.check) else 0
-    p.error("give --check K V or --writes")
+    p.error("give --check K V, --writes or --decode-pdl")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ generation through both. On the CPU the kernels run in Triton's interpreter (fp3
 the gpu-marked tests repeat them in bf16 at the 374M model's shapes."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,6 +271,18 @@ def test_fused_choice_and_its_errors(monkeypatch):
             model.generate(ids, 2, fused=True)
     with pytest.raises(ValueError, match="capture='compile' compiles the PyTorch step"):
         decode.use_fused(model, True, "compile")
+
+
+def test_decode_kernels_compile_with_programmatic_dependent_launch():
+    """With PDL (the GPU's path; the interpreter cannot run griddepcontrol) every decode kernel
+    variant compiles for sm_90 and waits for the previous kernel only after its first weight (or
+    state) load. Offline (Triton ships ptxas), in a process of its own (this one interprets)."""
+    script = Path(__file__).resolve().parent / "offline.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script), "--decode-pdl"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("PDL ok") == 13, run.stdout  # 4 matvec kernels x 3 regimes, the recurrent step
 
 
 # ----------------------------------------------------------------------------------------------
