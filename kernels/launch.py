@@ -7,6 +7,7 @@ in the second launch's programs).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import triton
@@ -50,7 +51,8 @@ class _Launch:
     alignment, each int's value (Triton: whether it is 1, divisible by 16, 32- or 64-bit), every
     other argument's value (constexprs, None, bools, floats), the launch options (num_warps, ...)
     and the current device. Launches with a profiler's hooks set, and calls that leave an argument
-    to its default, go through Triton."""
+    to its default, go through Triton; a Triton whose launcher takes other arguments (a TypeError,
+    raised before launching) switches CONFIG["direct_launch"] off with a warning."""
 
     __slots__ = ("kernel", "names", "name_set", "compiled")
 
@@ -78,8 +80,14 @@ class _Launch:
                 self.compiled[key] = compiled
             return compiled
         grid = grid + (1, 1)
-        compiled.run(grid[0], grid[1], grid[2], _raw_stream(device), compiled.function, compiled.packed_metadata,
-                     None, None, None, *values)
+        try:
+            compiled.run(grid[0], grid[1], grid[2], _raw_stream(device), compiled.function, compiled.packed_metadata,
+                         None, None, None, *values)
+        except TypeError as e:  # a Triton whose launcher takes other arguments (refused before launching)
+            CONFIG["direct_launch"] = False
+            warnings.warn(f"hgrn2mini: launching through Triton from now on; its compiled launcher refused the "
+                          f"direct call ({e})", RuntimeWarning, stacklevel=2)
+            return self.kernel[grid[:3]](*args, **kwargs)
         return compiled
 
 

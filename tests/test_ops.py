@@ -401,6 +401,28 @@ def test_direct_launch_reuses_a_compiled_kernel_only_for_its_specialization(monk
     assert kinds()[n:] == ["triton"]
 
 
+def test_direct_launch_refused_falls_back_to_triton(monkeypatch):
+    """A Triton whose compiled launcher takes other arguments (TypeError before launching): the
+    launch goes through Triton and direct launches are switched off, with a warning."""
+    from hgrn2mini.kernels import launch
+    from hgrn2mini.kernels.settings import CONFIG
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_raw_stream", lambda device: 1234)
+    monkeypatch.setattr(launch, "_hooked", lambda: False)
+    monkeypatch.setitem(CONFIG, "direct_launch", True)
+    k = _FakeKernel()
+
+    def refuse(self, *a):
+        raise TypeError("function takes exactly 12 arguments")
+    monkeypatch.setattr(_FakeCompiled, "run", refuse)
+    L, x = launch._Launch(k), torch.zeros(16)
+    L[(4,)](x, 7, BLOCK=32)
+    with pytest.warns(RuntimeWarning, match="launching through Triton from now on"):
+        L[(4,)](x, 7, BLOCK=32)
+    assert [c[0] for c in k.calls] == ["triton", "triton"] and CONFIG["direct_launch"] is False
+
+
 @pytest.mark.gpu
 def test_direct_launch_equals_tritons_own_cuda(monkeypatch):
     """The op's eager forward and backward through the compiled launchers (`launch._Launch`) give
