@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 
+from hgrn2mini.decode import _graphed
+
 MIN_BUCKET = 64  # one chunk of the chunk op
 MAX_BUCKET = 4096
 
@@ -36,33 +38,28 @@ class Prefill:
     """The model's forward for B rows at bucket length Tb from static buffers: ids [B, Tb], mask
     [B, Tb] (0 at padding) and `state` [L, B, H, K, V] fp32, the state to start from, which the
     forward overwrites with the state after the prompt (one buffer for every bucket of a batch
-    size). Returns the last position's hidden state [B, D] (after the final norm) and `state`.
-    captured: as a CUDA graph (after a warm-up run on a side stream, which also builds the Triton
-    kernels), drawing its temporaries from pool; else run eagerly."""
+    size). Returns the last position's hidden state [B, D] (after the final norm, a static buffer)
+    and `state`. captured: as a CUDA graph (`decode._graphed`: warm-up runs on a side stream,
+    which also build the Triton kernels), drawing its temporaries from pool; else run eagerly."""
 
     def __init__(self, model, Tb: int, state: torch.Tensor, captured: bool, pool=None):
         B = state.shape[1]
         self.ids = torch.zeros(B, Tb, dtype=torch.long, device=state.device)
         self.mask = torch.zeros(B, Tb, dtype=torch.bool, device=state.device)
-        self.state = state
+        self.state, self.x = state, None
 
-        def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        def forward() -> None:
             x, new = model.model(self.ids, self.state, return_state=True, attention_mask=self.mask)
-            return x[:, -1], self.state.copy_(new)  # every layer has read its state by now
+            if self.x is None:  # the first run, never a captured one
+                self.x = torch.empty_like(x[:, -1])
+            self.x.copy_(x[:, -1])
+            self.state.copy_(new)  # every layer has read its state by now
 
-        self.run: Callable[[], tuple[torch.Tensor, torch.Tensor]] = forward
+        self.run = forward
         if captured:
-            start = state.clone()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                forward()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            self.state.copy_(start)
-            with torch.cuda.graph(graph, pool=pool):
-                out = forward()
-            self.run = lambda: (graph.replay(), out)[1]
+            start = state.clone()  # the warm-up runs overwrite the buffer a previous piece left
+            self.run = _graphed(forward, pool)
+            state.copy_(start)
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None, state: torch.Tensor | None):
         """(last hidden state [B, D], state) of a piece of ids [B, T <= Tb], left-padded to Tb,
@@ -80,7 +77,8 @@ class Prefill:
             self.state.zero_()
         elif state is not self.state:  # a later piece starts from the buffer itself
             self.state.copy_(state)
-        return self.run()
+        self.run()
+        return self.x, self.state
 
 
 def pieces(T: int) -> list[tuple[int, int]]:
