@@ -8,6 +8,8 @@ Rows (bf16, forward + backward unless named otherwise; shapes are B x T x H x K 
     op      `chunk_hgrn2(q, g, v)`, and fla's `chunk_gla` on the same q, g, v with k = 1 - exp(g)
     gated   `gated_chunk_hgrn2` as the model calls it: gates from their logits, with a lower bound
             (every layer but the first) and without (layer 0)
+            (op and gated also with Triton's own launch path, rows "..., Triton's launches": the
+            eager cost that launching through the compiled kernels removes, kernels/launch.py)
     mixer   the token mixer `HGRN2Attention` (hidden size H * K, expand ratio K, a lower bound)
             against fla's `fla.layers.HGRN2Attention` of the same sizes and bound
     sdpa    causal `scaled_dot_product_attention` (flash) at the same B, H, T, head dim
@@ -77,6 +79,21 @@ def both(fn, leaves=()):
     return device_ms(fn, leaves), eager
 
 
+def triton_launches(fn):
+    """fn with every kernel launched through Triton's own launch path (CONFIG["direct_launch"]
+    off), for the eager cost that the compiled launchers remove; the same kernels on the device."""
+    from hgrn2mini.kernels.settings import CONFIG
+
+    def call():
+        CONFIG["direct_launch"] = False
+        try:
+            return fn()
+        finally:
+            CONFIG["direct_launch"] = True
+
+    return call
+
+
 def fwd_bwd(fn, leaves):
     """A forward+backward closure of fn (returning one tensor) with a fixed random output gradient."""
     do = _randn(*fn().shape, dtype=torch.bfloat16)
@@ -118,6 +135,8 @@ def rows_for_shape(B, T, H, K, rows, fla):
         q, v = leaf(B, T, H, K), leaf(B, T, H, V)
         g = F.logsigmoid(_randn(B, T, H, K) * 2 + 2).requires_grad_()
         out["op"] = both(fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], (q, g, v)), (q, g, v))
+        out["op, Triton's launches"] = both(triton_launches(fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], (q, g, v))),
+                                            (q, g, v))
         with torch.no_grad():
             out["op fwd"] = both(lambda: chunk_hgrn2(q, g, v)[0])
         if fla:
@@ -130,7 +149,9 @@ def rows_for_shape(B, T, H, K, rows, fla):
     if "gated" in rows:
         ql, fl, v = leaf(B, T, D), leaf(B, T, D), leaf(B, T, H, V)
         lb = (_randn(D).sigmoid() * 0.9).requires_grad_()
-        out["gated"] = both(fwd_bwd(lambda: gated_chunk_hgrn2(ql, fl, lb, v)[0], (ql, fl, lb, v)), (ql, fl, lb, v))
+        gated = fwd_bwd(lambda: gated_chunk_hgrn2(ql, fl, lb, v)[0], (ql, fl, lb, v))
+        out["gated"] = both(gated, (ql, fl, lb, v))
+        out["gated, Triton's launches"] = both(triton_launches(gated), (ql, fl, lb, v))
         out["gated, no bound"] = both(fwd_bwd(lambda: gated_chunk_hgrn2(ql, fl, None, v)[0], (ql, fl, v)),
                                       (ql, fl, v))
     if "mixer" in rows:
