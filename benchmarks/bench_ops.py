@@ -10,8 +10,8 @@ Rows (bf16, forward + backward unless named otherwise; shapes are B x T x H x K 
             (every layer but the first) and without (layer 0)
             (op and gated also with Triton's own launch path, rows "..., Triton's launches": the
             eager cost that launching through the compiled kernels removes, kernels/launch.py;
-            gated also with CONFIG["q_from_logits"] the other way: q computed from its logits by
-            the kernels that read it, the gates kernel writing g alone)
+            gated also with CONFIG["q_from_logits"] in the backward and in both passes: q computed
+            from its logits by the kernels that read it, the gates kernel writing g alone)
     mixer   the token mixer `HGRN2Attention` (hidden size H * K, expand ratio K, a lower bound)
             against fla's `fla.layers.HGRN2Attention` of the same sizes and bound
     sdpa    causal `scaled_dot_product_attention` (flash) at the same B, H, T, head dim
@@ -156,8 +156,10 @@ def rows_for_shape(B, T, H, K, rows, fla):
         gated = fwd_bwd(lambda: gated_chunk_hgrn2(ql, fl, lb, v)[0], (ql, fl, lb, v))
         out["gated"] = both(gated, (ql, fl, lb, v))
         out["gated, Triton's launches"] = both(with_config(gated, direct_launch=False), (ql, fl, lb, v))
-        flipped = not CONFIG["q_from_logits"]
-        out[f"gated, q_from_logits={flipped}"] = both(with_config(gated, q_from_logits=flipped), (ql, fl, lb, v))
+        for passes in (("backward",), ("forward", "backward")):
+            if set(passes) != set(CONFIG["q_from_logits"]):
+                out[f"gated, q from logits ({', '.join(passes)})"] = both(with_config(gated, q_from_logits=passes),
+                                                                          (ql, fl, lb, v))
         out["gated, no bound"] = both(fwd_bwd(lambda: gated_chunk_hgrn2(ql, fl, None, v)[0], (ql, fl, v)),
                                       (ql, fl, v))
     if "mixer" in rows:

@@ -183,7 +183,7 @@ def _gated_forward(
         o, hT, states = _scan1.forward(q_logits, f_logits, lower_bound, v, initial_state, scale, gated=True)
         return o, hT, states.view(torch.int32)
     if _chunk.triton_supported(q_logits.view(heads), v):
-        if _chunk.CONFIG["q_from_logits"]:  # g alone; the kernels that read q take its logits
+        if "forward" in _chunk.CONFIG["q_from_logits"]:  # g alone; the kernels that read q take its logits
             _, g = gates_triton(q_logits, f_logits, lower_bound, _chunk.launcher, write_q=False)
             return _forward(q_logits.view(heads), g.view(heads), v, initial_state, scale, q_silu=True)
         q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk.launcher)
@@ -207,7 +207,7 @@ def _gated_backward_body(
         dq_logits, df_logits, dv, dlb, dh0 = _scan1.backward(
             q_logits, f_logits, lower_bound, v, initial_state, _kept(states, torch.float32), do, dht, scale, gated=True)
     elif _chunk.triton_supported(q_logits.view(heads), v):  # the gates' derivative in the dq/dg kernel
-        q_silu = _chunk.CONFIG["q_from_logits"]
+        q_silu = "backward" in _chunk.CONFIG["q_from_logits"]
         q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk.launcher, write_q=not q_silu)
         q = q_logits if q_silu else q
         dq_logits, df_logits, dlb, dv, dh0 = _chunk.chunk_hgrn2_bwd(
