@@ -52,7 +52,6 @@ from hgrn2mini.checks import check_attention_mask
 from hgrn2mini.decode import _block_step, _Buffers, _graphed
 from hgrn2mini.model import HGRN2ForCausalLM
 from hgrn2mini.ops import check_state
-from hgrn2mini.prefill import Prefill, read_prompt
 
 CAPTURES = ("auto", "none", "graph", "compile", "compile+graph")
 # Every CHECK_EVERY tokens the loop asks (without waiting) whether any row is still running: rare
@@ -165,7 +164,7 @@ class _Decoder:
             d.key = key
         return d
 
-    def prefill(self, model: HGRN2ForCausalLM, B: int, Tb: int, capture: str) -> Prefill:
+    def prefill(self, model: HGRN2ForCausalLM, B: int, Tb: int, capture: str) -> prefill.Prefill:
         """The prompt's forward at batch size B and bucket length Tb (`hgrn2mini.prefill`),
         captured at its first use unless capture is "none"."""
         captured = capture != "none"
@@ -173,7 +172,8 @@ class _Decoder:
             if B not in self.prefill_states:  # one buffer for every bucket of a batch size
                 self.prefill_states[B] = torch.zeros(model.model.state_shape(B), device=self.key[0])
             self.prefill_pool = self.prefill_pool or (torch.cuda.graph_pool_handle() if captured else None)
-            self.prefills[B, Tb, captured] = Prefill(model, Tb, self.prefill_states[B], captured, self.prefill_pool)
+            self.prefills[B, Tb, captured] = prefill.Prefill(model, Tb, self.prefill_states[B], captured,
+                                                             self.prefill_pool)
         return self.prefills[B, Tb, captured]
 
     def step(self, model: HGRN2ForCausalLM, B: int, spec: _Sampling, capture: str, fused: bool = False):
@@ -269,8 +269,8 @@ class Generation(Iterator):
             S = model.model.lower_bounds.softmax(0, dtype=torch.float32)
             b.lower_bounds.copy_(S.cumsum(0) - S[0])
         if _bucketed(ids):  # at bucketed lengths, one graph a piece (hgrn2mini.prefill)
-            x, state = read_prompt(lambda Tb: self._decoder.prefill(model, B, Tb, self._capture), ids, self._mask,
-                                   self._state0)
+            x, state = prefill.read_prompt(lambda Tb: self._decoder.prefill(model, B, Tb, self._capture), ids,
+                                           self._mask, self._state0)
         else:
             x, state = model.model(ids, self._state0, return_state=True, attention_mask=self._mask)
             x = x[:, -1]
