@@ -9,9 +9,7 @@ Rows (bf16, forward + backward unless named otherwise; shapes are B x T x H x K 
     gated   `gated_chunk_hgrn2` as the model calls it: gates from their logits, with a lower bound
             (every layer but the first) and without (layer 0)
             (op and gated also with Triton's own launch path, rows "..., Triton's launches": the
-            eager cost that launching through the compiled kernels removes, kernels/launch.py;
-            gated also with CONFIG["q_from_logits"] in the backward and in both passes: q computed
-            from its logits by the kernels that read it, the gates kernel writing g alone)
+            eager cost that launching through the compiled kernels removes, kernels/launch.py)
     mixer   the token mixer `HGRN2Attention` (hidden size H * K, expand ratio K, a lower bound)
             against fla's `fla.layers.HGRN2Attention` of the same sizes and bound
     sdpa    causal `scaled_dot_product_attention` (flash) at the same B, H, T, head dim
@@ -81,17 +79,17 @@ def both(fn, leaves=()):
     return device_ms(fn, leaves), eager
 
 
-def with_config(fn, **updates):
-    """fn run with these kernels.settings.CONFIG entries, the others as they are."""
+def triton_launches(fn):
+    """fn with every kernel launched through Triton's own launch path (CONFIG["direct_launch"]
+    off), for the eager cost that the compiled launchers remove; the same kernels on the device."""
     from hgrn2mini.kernels.settings import CONFIG
 
     def call():
-        before = {k: CONFIG[k] for k in updates}
-        CONFIG.update(updates)
+        CONFIG["direct_launch"] = False
         try:
             return fn()
         finally:
-            CONFIG.update(before)
+            CONFIG["direct_launch"] = True
 
     return call
 
@@ -125,8 +123,6 @@ def _fla():
 
 
 def rows_for_shape(B, T, H, K, rows, fla):
-    from hgrn2mini.kernels.settings import CONFIG
-
     from hgrn2mini import HGRN2Config
     from hgrn2mini.model import HGRN2Attention
     from hgrn2mini.ops import chunk_hgrn2, gated_chunk_hgrn2
@@ -139,8 +135,8 @@ def rows_for_shape(B, T, H, K, rows, fla):
         q, v = leaf(B, T, H, K), leaf(B, T, H, V)
         g = F.logsigmoid(_randn(B, T, H, K) * 2 + 2).requires_grad_()
         out["op"] = both(fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], (q, g, v)), (q, g, v))
-        out["op, Triton's launches"] = both(
-            with_config(fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], (q, g, v)), direct_launch=False), (q, g, v))
+        out["op, Triton's launches"] = both(triton_launches(fwd_bwd(lambda: chunk_hgrn2(q, g, v)[0], (q, g, v))),
+                                            (q, g, v))
         with torch.no_grad():
             out["op fwd"] = both(lambda: chunk_hgrn2(q, g, v)[0])
         if fla:
@@ -155,11 +151,7 @@ def rows_for_shape(B, T, H, K, rows, fla):
         lb = (_randn(D).sigmoid() * 0.9).requires_grad_()
         gated = fwd_bwd(lambda: gated_chunk_hgrn2(ql, fl, lb, v)[0], (ql, fl, lb, v))
         out["gated"] = both(gated, (ql, fl, lb, v))
-        out["gated, Triton's launches"] = both(with_config(gated, direct_launch=False), (ql, fl, lb, v))
-        for passes in (("backward",), ("forward", "backward")):
-            if set(passes) != set(CONFIG["q_from_logits"]):
-                out[f"gated, q from logits ({', '.join(passes)})"] = both(with_config(gated, q_from_logits=passes),
-                                                                          (ql, fl, lb, v))
+        out["gated, Triton's launches"] = both(triton_launches(gated), (ql, fl, lb, v))
         out["gated, no bound"] = both(fwd_bwd(lambda: gated_chunk_hgrn2(ql, fl, None, v)[0], (ql, fl, v)),
                                       (ql, fl, v))
     if "mixer" in rows:

@@ -79,15 +79,14 @@ def check_state(name: str, state, layout: str, want: tuple, device: torch.device
         raise ValueError(f"{name} must be on {device_of}{device}, got {state.device}")
 
 
-def _forward(q, g, v, initial_state, scale, q_silu=False):
-    """Body of both forward ops: (o, final state, kept states); see `_chunk_hgrn2`. q_silu (Triton
-    path): q holds q's logits (`chunk_hgrn2_fwd_with_states`)."""
+def _forward(q, g, v, initial_state, scale):
+    """Body of both forward ops: (o, final state, kept states); see `_chunk_hgrn2`."""
     if _scan1.takes(q, v):
         o, hT, states = _scan1.forward(q, g, None, v, initial_state, scale, gated=False)
         return o, hT, states.view(torch.int32)
     kept = q.new_empty(0, dtype=_BITS[q.dtype])
     if _chunk.triton_supported(q, v):
-        o, hT, states = _chunk.chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale, q_silu)
+        o, hT, states = _chunk.chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale)
         if _chunk.CONFIG["keep_states"]:
             kept = states.view(_BITS[states.dtype])
     else:
@@ -183,9 +182,6 @@ def _gated_forward(
         o, hT, states = _scan1.forward(q_logits, f_logits, lower_bound, v, initial_state, scale, gated=True)
         return o, hT, states.view(torch.int32)
     if _chunk.triton_supported(q_logits.view(heads), v):
-        if "forward" in _chunk.CONFIG["q_from_logits"]:  # g alone; the kernels that read q take its logits
-            _, g = gates_triton(q_logits, f_logits, lower_bound, _chunk.launcher, write_q=False)
-            return _forward(q_logits.view(heads), g.view(heads), v, initial_state, scale, q_silu=True)
         q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk.launcher)
     else:
         q, g = gates(q_logits, f_logits, lower_bound)
@@ -207,12 +203,10 @@ def _gated_backward_body(
         dq_logits, df_logits, dv, dlb, dh0 = _scan1.backward(
             q_logits, f_logits, lower_bound, v, initial_state, _kept(states, torch.float32), do, dht, scale, gated=True)
     elif _chunk.triton_supported(q_logits.view(heads), v):  # the gates' derivative in the dq/dg kernel
-        q_silu = "backward" in _chunk.CONFIG["q_from_logits"]
-        q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk.launcher, write_q=not q_silu)
-        q = q_logits if q_silu else q
+        q, g = gates_triton(q_logits, f_logits, lower_bound, _chunk.launcher)
         dq_logits, df_logits, dlb, dv, dh0 = _chunk.chunk_hgrn2_bwd(
             q.view(heads), g.view(heads), v, initial_state, do, dht, scale, _kept(states, q.dtype),
-            (q_logits.view(heads), f_logits.view(heads), lower_bound), q_silu)
+            (q_logits.view(heads), f_logits.view(heads), lower_bound))
     else:
         # From [B*T, H*K] views of the logits, not the [B, T, H*K] tensors the forward read: under
         # torch.compile both ops' bodies land in one graph, where identical expressions of the

@@ -23,17 +23,16 @@ __all__ = ["CHUNK", "CONFIG", "FAST", "chunk_hgrn2_bwd", "chunk_hgrn2_bwd_ref", 
            "chunk_hgrn2_fwd_ref", "chunk_hgrn2_fwd_with_states", "launcher", "prefill_lengths", "triton_supported"]
 
 
-def chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale, q_silu=False):
+def chunk_hgrn2_fwd_with_states(q, g, v, initial_state, scale):
     """Triton forward. q, g [B, T, H, K] (g fp32), v [B, T, H, V]; returns o, the final state
     (fp32) and the chunk-start states [B*H, NT, K, V] (q's dtype), which the backward can take
-    instead of walking the sequence again. q_silu: q holds q's logits, q = silu(q) (HGRN2's
-    gate) computed by the kernels that read q, as `gates` rounds it."""
+    instead of walking the sequence again."""
     q, g, v = q.contiguous(), g.contiguous(), v.contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
     # 1. Chunk-start states (a segmented walk's are joined by the out kernel as it reads them).
     states, hT, join = _run_states(q, g, v, h0, False, scale, join_later=True)
     # 2. Each chunk's output from its start state and its in-chunk pairs.
-    return _run_out(q, g, v, states, scale, False, join, q_silu=q_silu), hT, states
+    return _run_out(q, g, v, states, scale, False, join), hT, states
 
 
 def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
@@ -42,15 +41,14 @@ def chunk_hgrn2_fwd(q, g, v, initial_state, scale):
     return o, hT
 
 
-def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=None, q_silu=False):
+def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=None):
     """Triton backward: (dq, dg fp32, dv, d initial state fp32). states: the forward's chunk-start
     states, or None to compute them again.
 
     logits: (q_logits, f_logits [B, T, H, K] in q's dtype, lower_bound [H*K] fp32 or None) where q
     and g are HGRN2's gates of these (`hgrn2mini.kernels.gates`): then the dq/dg kernel carries the
     gradients on through the gates (`gates_bwd`) and this returns (d q_logits, d f_logits, d
-    lower_bound or None, dv, d initial state); dq and dg are never written to memory. q_silu: as
-    `chunk_hgrn2_fwd_with_states`."""
+    lower_bound or None, dv, d initial state); dq and dg are never written to memory."""
     # Gradients can arrive with stride 0 (the gradient of `.sum()`); the kernels index densely.
     q, g, v, do = q.contiguous(), g.contiguous(), v.contiguous(), do.contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -59,15 +57,15 @@ def chunk_hgrn2_bwd(q, g, v, initial_state, do, dht, scale, states=None, logits=
         states, _, _ = _run_states(q, g, v, h0, False, scale)
     # 2. The chunk-end state gradients, walking back from the final state's gradient.
     dht = dht.contiguous() if dht is not None else None
-    dstates, dh0, join = _run_states(q, g, do, dht, True, scale, join_later=True, q_silu=q_silu)
+    dstates, dh0, join = _run_states(q, g, do, dht, True, scale, join_later=True)
     # 3. dv, the out kernel transposed; it also stores b = cumsum(g) per chunk for step 4.
     gcum = torch.empty_like(g)
-    dv = _run_out(q, g, do, dstates, scale, True, join, gcum=gcum, q_silu=q_silu)
+    dv = _run_out(q, g, do, dstates, scale, True, join, gcum=gcum)
     # 4. dq and dg (or the logits' gradients) from the states, their gradients and the pairs.
     if logits is not None:
-        dq_logits, df_logits, dlb = _run_dqg(q, g, gcum, v, do, states, dstates, scale, logits, q_silu)
+        dq_logits, df_logits, dlb = _run_dqg(q, g, gcum, v, do, states, dstates, scale, logits)
         return dq_logits, df_logits, dlb, dv, dh0
-    dq, dg = _run_dqg(q, g, gcum, v, do, states, dstates, scale, q_silu=q_silu)
+    dq, dg = _run_dqg(q, g, gcum, v, do, states, dstates, scale)
     return dq, dg, dv, dh0
 
 

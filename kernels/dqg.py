@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from hgrn2mini.kernels.gates import _log1p, _sigmoid_terms, _silu_rounded
+from hgrn2mini.kernels.gates import _log1p, _sigmoid_terms
 from hgrn2mini.kernels.launch import _launch_chunks, _redone, _redone_at
 from hgrn2mini.kernels.settings import _BC, _BT, _FAST_RANGE, _cfg, _dot_config, cdiv
 from hgrn2mini.kernels.tiles import _bad, _exp, _expm1, _head, _load_gcum, _load_tile, _pairs_grad, _store_tile
@@ -23,8 +23,7 @@ def _dqg_chunk(q, g, gcum, v, do, states, dstates, dq, dg, T, H, scale, flags, q
                dlb_part, ik, n, bh, NT,
                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
-               FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr, GATES: tl.constexpr, HAS_LB: tl.constexpr,
-               Q_SILU: tl.constexpr):
+               FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr, GATES: tl.constexpr, HAS_LB: tl.constexpr):
     """`_dqg_kernel`'s work for chunk n, key block ik of head bh."""
     pid = (bh * NT + n) * (K // BK) + ik
     t0 = n * BT
@@ -53,8 +52,6 @@ def _dqg_chunk(q, g, gcum, v, do, states, dstates, dq, dg, T, H, scale, flags, q
     q_tile = _load_tile(q + offk, t0, T, H * K, rows, ck)
     gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
     b, b_last = _load_gcum(gcum + offk, t0, T, H * K, rows, ck, BT)
-    if Q_SILU:  # q holds q's logits
-        q_tile = _silu_rounded(q_tile)
     qs = q_tile.to(tl.float32) * scale
     k = -_expm1(gc)
     # Pairs j < i through _pairs_grad; the diagonal (decay exp(0) = 1) on its own, so that dg
@@ -106,7 +103,7 @@ def _dqg_kernel(
     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr,
     FAST_RANGE: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr,
-    GATES: tl.constexpr, HAS_LB: tl.constexpr, REDO: tl.constexpr, Q_SILU: tl.constexpr = False,
+    GATES: tl.constexpr, HAS_LB: tl.constexpr, REDO: tl.constexpr,
 ):
     """dq and dg of one chunk and BK key channels (formulas in chunk_hgrn2_bwd_ref): every
     term is separable over the key channels. Two variants as in `_out_kernel`. The key
@@ -124,18 +121,17 @@ def _dqg_kernel(
                 if _redone_at(fl, r, REDO):
                     _dqg_chunk(q, g, gcum, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits,
                                f_logits, lb, dlb_part, ik, nb * REDO + r, bh, NT,
-                               K, V, BT, BC, BK, BV, DT, PREC, PREC32, FAST_RANGE, GENERAL, GATES, HAS_LB, Q_SILU)
+                               K, V, BT, BC, BK, BV, DT, PREC, PREC32, FAST_RANGE, GENERAL, GATES, HAS_LB)
     else:
         _dqg_chunk(q, g, gcum, v, do, states, dstates, dq, dg, T, H, scale, flags, q_logits, f_logits, lb,
                    dlb_part, tl.program_id(0), tl.program_id(1), tl.program_id(2), NT,
-                   K, V, BT, BC, BK, BV, DT, PREC, PREC32, FAST_RANGE, GENERAL, GATES, HAS_LB, Q_SILU)
+                   K, V, BT, BC, BK, BV, DT, PREC, PREC32, FAST_RANGE, GENERAL, GATES, HAS_LB)
 
 
-def _run_dqg(q, g, gcum, v, do, states, dstates, scale, logits=None, q_silu=False):
+def _run_dqg(q, g, gcum, v, do, states, dstates, scale, logits=None):
     """dq and dg (fp32) through _dqg_kernel; gcum: b = cumsum(g) as the dv kernel stored it.
     logits: (q_logits, f_logits, lower_bound or None), or None; given, returns d q_logits,
-    d f_logits (q's dtype) and d lower_bound (or None) instead. q_silu: q holds q's logits, and
-    the kernel computes q = silu of them (Q_SILU)."""
+    d f_logits (q's dtype) and d lower_bound (or None) instead."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     DT, PREC, PREC32 = _dot_config(q.dtype)
@@ -155,7 +151,7 @@ def _run_dqg(q, g, gcum, v, do, states, dstates, scale, logits=None, q_silu=Fals
         dstates, dq, dg, T, H, scale, q_logits=q_logits, f_logits=f_logits, lb=lb, dlb_part=dlb_part,
         K=K, V=V, BT=_BT, BC=_BC, BK=BK, BV=BV, DT=DT, PREC=PREC, PREC32=PREC32, FAST_RANGE=_FAST_RANGE,
         num_warps=_cfg(q, v, "dqg_warps", gated, has_lb), num_stages=_cfg(q, v, "dqg_stages", gated, has_lb),
-        GATES=gated, HAS_LB=has_lb, Q_SILU=q_silu,
+        GATES=gated, HAS_LB=has_lb,
     )
     if gated:
         return dq, dg, (dlb_part.sum(0) if has_lb else None)

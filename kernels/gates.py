@@ -116,41 +116,30 @@ def _log_gate(f, lb, cols, HAS_LB: tl.constexpr):
 
 
 @triton.jit
-def _silu_rounded(x):
-    """q = silu(x) of a tile of q's logits, in fp32 and rounded to their dtype: q as the gates
-    kernel stores it, and as the chunk kernels compute it from the logits (Q_SILU)."""
-    xf = x.to(tl.float32)
-    return (xf / (1.0 + tl.exp(-xf))).to(x.dtype)
-
-
-@triton.jit
-def _gates_kernel(q_logits, f_logits, lb, q, g, N, D, HAS_LB: tl.constexpr, WRITE_Q: tl.constexpr, BR: tl.constexpr,
+def _gates_kernel(q_logits, f_logits, lb, q, g, N, D, HAS_LB: tl.constexpr, BR: tl.constexpr,
                   BD: tl.constexpr):
-    """q = silu(q_logits) (their dtype; where WRITE_Q) and g = log f (fp32) of a [BR, BD] tile of
-    [N, D] logits."""
+    """q = silu(q_logits) (their dtype) and g = log f (fp32) of a [BR, BD] tile of [N, D] logits."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     off = rows[:, None] * D + cols[None, :]
     m = rows[:, None] < N
+    x = tl.load(q_logits + off, mask=m, other=0.0).to(tl.float32)
     f = tl.load(f_logits + off, mask=m, other=0.0).to(tl.float32)
-    if WRITE_Q:  # both loads issued before either store
-        tl.store(q + off, _silu_rounded(tl.load(q_logits + off, mask=m, other=0.0)), mask=m)
+    tl.store(q + off, (x / (1.0 + tl.exp(-x))).to(q.dtype.element_ty), mask=m)
     tl.store(g + off, _log_gate(f, lb, cols, HAS_LB), mask=m)
 
 
-def gates_triton(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None, launch,
-                 write_q: bool = True):
+def gates_triton(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: torch.Tensor | None, launch):
     """`gates` in one Triton pass, for CUDA logits [..., D] with D a multiple of 16. launch(kernel)
-    returns the kernel as the caller launches it (wrap_triton inside a triton_op). write_q False:
-    g alone, (None, g), for kernels that compute q from its logits themselves (Q_SILU)."""
+    returns the kernel as the caller launches it (wrap_triton inside a triton_op)."""
     q_logits, f_logits = q_logits.contiguous(), f_logits.contiguous()
     D = q_logits.shape[-1]
     N = q_logits.numel() // D
-    q = torch.empty_like(q_logits) if write_q else q_logits  # never written then; never an output
+    q = torch.empty_like(q_logits)
     g = torch.empty(q_logits.shape, device=q_logits.device, dtype=torch.float32)
     lb = lower_bound.contiguous() if lower_bound is not None else q_logits  # never read then; never an output
     # CONFIG["gates_rows"] x 128 elements a program, 8 a thread (kernels/settings.py)
     BR, BD = CONFIG["gates_rows"], (128 if D % 128 == 0 else 16)
     launch(_gates_kernel)[(cdiv(N, BR), D // BD)](q_logits, f_logits, lb, q, g, N, D, HAS_LB=lower_bound is not None,
-                                                  WRITE_Q=write_q, BR=BR, BD=BD, num_warps=CONFIG["gates_warps"])
-    return (q if write_q else None), g
+                                                  BR=BR, BD=BD, num_warps=CONFIG["gates_warps"])
+    return q, g

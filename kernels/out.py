@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from hgrn2mini.kernels.gates import _silu_rounded
 from hgrn2mini.kernels.launch import _launch_chunks, _redone, _redone_at
 from hgrn2mini.kernels.settings import _BC, _BT, _FAST_RANGE, CONFIG, _cfg, _dot_config, cdiv
 from hgrn2mini.kernels.state import _join
@@ -24,7 +23,7 @@ def _out_chunk(q, g, gcum, v, states, o, T, H, scale, flags, decay, h_in, NSEG, 
                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
                DV: tl.constexpr, GENERAL: tl.constexpr, JOIN: tl.constexpr, JR: tl.constexpr,
-               STORE_GCUM: tl.constexpr, Q_SILU: tl.constexpr):
+               STORE_GCUM: tl.constexpr):
     """`_out_kernel`'s work for chunk n, value block iv of head bh."""
     pid = (bh * NT + n) * (V // BVO) + iv
     t0 = n * BT
@@ -44,10 +43,7 @@ def _out_chunk(q, g, gcum, v, states, o, T, H, scale, flags, decay, h_in, NSEG, 
     bad = tl.zeros([], dtype=tl.int8)
     for kb in range(0, K // BK):
         ck = kb * BK + tl.arange(0, BK)
-        qt = _load_tile(q + offk, t0, T, H * K, rows, ck)
-        if Q_SILU:  # q holds q's logits
-            qt = _silu_rounded(qt)
-        qs = qt.to(tl.float32) * scale
+        qs = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale
         gc = _load_tile(g + offk, t0, T, H * K, rows, ck)
         b = tl.cumsum(gc, 0)
         b_last = tl.sum(gc, 0)
@@ -82,7 +78,7 @@ def _out_kernel(
     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BVO: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FAST_RANGE: tl.constexpr,
     DV: tl.constexpr, GENERAL: tl.constexpr, FLAGGED: tl.constexpr, JOIN: tl.constexpr, JR: tl.constexpr,
-    STORE_GCUM: tl.constexpr, REDO: tl.constexpr, Q_SILU: tl.constexpr = False,
+    STORE_GCUM: tl.constexpr, REDO: tl.constexpr,
 ):
     """One chunk, BVO value channels; A built over key blocks in registers, never stored.
 
@@ -114,18 +110,17 @@ def _out_kernel(
                 if _redone_at(fl, r, REDO):
                     _out_chunk(q, g, gcum, v, states, o, T, H, scale, flags, decay, h_in, NSEG, iv, nb * REDO + r,
                                bh, NT, K, V, BT, BC, BK, BVO, DT, PREC, FAST_RANGE, DV, GENERAL, JOIN, JR,
-                               STORE_GCUM, Q_SILU)
+                               STORE_GCUM)
     else:
         _out_chunk(q, g, gcum, v, states, o, T, H, scale, flags, decay, h_in, NSEG, tl.program_id(0),
                    tl.program_id(1), tl.program_id(2), NT, K, V, BT, BC, BK, BVO, DT, PREC, FAST_RANGE, DV, GENERAL,
-                   JOIN, JR, STORE_GCUM, Q_SILU)
+                   JOIN, JR, STORE_GCUM)
 
 
-def _run_out(q, g, v, states, scale, dv, join, gcum=None, q_silu=False):
+def _run_out(q, g, v, states, scale, dv, join, gcum=None):
     """o (or dv, from do and the state gradients) through _out_kernel; join as `_run_states`
     returns it (a segmented walk's states are made global here, in place). gcum: where to store
-    b = cumsum(g) within each chunk (`_out_kernel` STORE_GCUM), or None. q_silu: q holds q's
-    logits, and the kernel computes q = silu of them (Q_SILU)."""
+    b = cumsum(g) within each chunk (`_out_kernel` STORE_GCUM), or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     DT, PREC, _ = _dot_config(q.dtype)
@@ -138,7 +133,7 @@ def _run_out(q, g, v, states, scale, dv, join, gcum=None, q_silu=False):
         # Slices of 32 rows, unrolled, so that their loads overlap (16-row slices in a loop are slower
         # than the separate fixup kernel the join replaces).
         decay=decay, h_in=h_in, NSEG=nseg, JOIN=bool(join), JR=min(32, K),
-        K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, DV=dv, Q_SILU=q_silu,
+        K=K, V=V, BT=_BT, BC=_BC, BK=BK, BVO=BVO, DT=DT, PREC=PREC, FAST_RANGE=_FAST_RANGE, DV=dv,
         num_warps=_cfg(q, v, "out_warps"), num_stages=CONFIG["out_stages"],
     )
     return out

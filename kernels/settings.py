@@ -69,10 +69,6 @@ CONFIG = {
     # the whole-chunk path alone first needs fewer registers. Below it one launch takes every path
     # (two launches fault at V = 16 with Triton 3.6).
     "two_pass_min_dim": 64,
-    # The passes of the gated op ("forward", "backward") in which each kernel that reads q computes
-    # q = silu(q_logits) itself (Q_SILU) and the gates kernel writes g alone: one [B, T, H*K] tensor
-    # less written and read in each.
-    "q_from_logits": (),
     # Gates kernel (gates.py): gates_rows x 128 logits a program at gates_warps warps, 8 a thread:
     # few registers, so that many programs share an SM and hide each other's loads (larger tiles
     # leave the kernel latency-bound).

@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 from hgrn2mini.kernels import launch
-from hgrn2mini.kernels.gates import _silu_rounded
 from hgrn2mini.kernels.settings import _BT, CONFIG, _dot_config, cdiv
 from hgrn2mini.kernels.tiles import _exp, _expm1, _head, _load_tile
 
@@ -52,7 +51,7 @@ def _state_kernel(
     T, H, scale, NSEG,  # states [B*H, NT, K, V] (out); hT [B*H, NSEG, K, V] fp32 (out)
     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
-    SEGMENTED: tl.constexpr, PAIR: tl.constexpr, Q_SILU: tl.constexpr = False,
+    SEGMENTED: tl.constexpr, PAIR: tl.constexpr,
 ):
     """Walks the chunks with one [BS, BS] tile of the state in fp32 registers (PAIR: two, side
     by side over the value channels, so that g and q are read and scanned once for both).
@@ -104,10 +103,7 @@ def _state_kernel(
             tl.store(decay + (bh * NT + n) * K + ck, dcum, mask=ck + iv * K < K)  # one value tile stores it
             dcum = dcum * _exp(b_last)
         if REVERSE:
-            qt = _load_tile(q + offk, t0, T, H * K, rows, ck)
-            if Q_SILU:  # q holds q's logits
-                qt = _silu_rounded(qt)
-            x = qt.to(tl.float32) * scale * _exp(b)
+            x = _load_tile(q + offk, t0, T, H * K, rows, ck).to(tl.float32) * scale * _exp(b)
         else:
             x = -_expm1(gc) * _exp(b_last[None, :] - b)
         xt = tl.trans(x.to(DT))
@@ -251,12 +247,11 @@ def _walk_plan(heads, NT, K, V, settings):
     return nseg, BS, pair
 
 
-def _run_states(q, g, x, h0, reverse, scale, join_later=False, q_silu=False):
+def _run_states(q, g, x, h0, reverse, scale, join_later=False):
     """Chunk-start states (or chunk-end state gradients, x being do), [B*H, NT, K, V] in q's dtype,
     the final state (or d initial state), fp32, and the join: where the walk was segmented and
     join_later, (decay, h_in, nseg) for the out kernel to make the states global as it reads them
-    (JOIN), else False (the states are global already). q_silu: q holds q's logits, and the
-    reverse walk computes q = silu of them (Q_SILU)."""
+    (JOIN), else False (the states are global already)."""
     B, T, H, K = q.shape
     V = x.shape[-1]
     NT = cdiv(T, _BT)
@@ -266,7 +261,7 @@ def _run_states(q, g, x, h0, reverse, scale, join_later=False, q_silu=False):
     hT = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
     nseg, BS, pair = walk_plan(B * H, NT, K, V)
     grid = (K // BS, V // (BS * (1 + pair)), B * H * nseg)
-    common = dict(K=K, V=V, BT=_BT, BS=BS, DT=DT, PREC=PREC, REVERSE=reverse, HAS_H0=h0 is not None, Q_SILU=q_silu,
+    common = dict(K=K, V=V, BT=_BT, BS=BS, DT=DT, PREC=PREC, REVERSE=reverse, HAS_H0=h0 is not None,
                   PAIR=pair, num_warps=CONFIG["state_warps"], num_stages=CONFIG["state_stages"])
     h0_ = h0 if h0 is not None else hT
     if nseg == 1:

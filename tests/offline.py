@@ -92,14 +92,6 @@ def check(K: int, V: int) -> int:
     variants = [(fn, {**consts, **(PLAIN if fn is dqg._dqg_kernel else {})}, scale) for fn, consts in variants
                 for scale in ("fp64", "constexpr")] + [
         (fn, {**consts, **GATED}, "fp64") for fn, consts in variants if fn is dqg._dqg_kernel]
-    # q from its logits (Q_SILU, CONFIG q_from_logits) where the gated op reads q: the forward's out
-    # kernel, the reverse walk, the gated dq/dg kernel.
-    variants += [(state._state_kernel, dict(BS=min(K, V, 64), REVERSE=True, HAS_H0=True, SEGMENTED=False, PAIR=False,
-                                            Q_SILU=True), "fp64"),
-                 (out._out_kernel, dict(BC=16, BK=min(K, 64), BVO=V, FAST_RANGE=60.0, DV=False, JOIN=False,
-                                        JR=min(K, 32), STORE_GCUM=False, Q_SILU=True, **modes[0]), "fp64"),
-                 (dqg._dqg_kernel, dict(BC=16, BK=min(K, 32), BV=min(V, K, 32), PREC32="tf32", FAST_RANGE=60.0,
-                                        Q_SILU=True, **GATED, **modes[0]), "fp64")]
     # The K = V = 1 scan, forward and backward: plain, gated, gated with a lower bound; every
     # optional input given (the variants that read the most).
     scan = [dict(GATED=g, HAS_LB=lb, HAS_H0=True, BB=1, BD=64) for g, lb in ((False, False), (True, False), (True, True))]
@@ -122,7 +114,7 @@ def check(K: int, V: int) -> int:
             failed += 1
             ok = "FAILED " + str(e).splitlines()[-1][:300]
         flags = ("REVERSE", "SEGMENTED", "PAIR", "DV", "GENERAL", "FLAGGED", "JOIN", "GATES", "STORE_GCUM", "GATED",
-                 "HAS_LB", "Q_SILU")
+                 "HAS_LB")
         print(fn.__name__, {k: v for k, v in consts.items() if k in flags}, "scale", scale, ok, flush=True)
     return failed
 
@@ -136,7 +128,7 @@ OUTPUTS = {"_state_kernel": {"states", "hT", "decay", "seg_decay"}, "_segment_ke
 
 def writes() -> int:
     """Runs the gated op's Triton path (forward and backward, segmented walks, both launch modes,
-    with and without a lower bound, q from the gates kernel or from its logits), and the K = V = 1 scan's, on CPU tensors with an sm_90 stand-in driver; every launch goes
+    with and without a lower bound), and the K = V = 1 scan's, on CPU tensors with an sm_90 stand-in driver; every launch goes
     to torch's write analysis instead of the GPU. Returns the number of launches with a reported
     write outside OUTPUTS."""
     import torch
@@ -167,15 +159,13 @@ def writes() -> int:
         for two_pass, seg in ((True, False), (False, True)):
             C.CONFIG.update(two_pass_min_dim=16 if two_pass else 10**9, min_segment_chunks=1,
                             min_programs=10**6 if seg else 1)
-            for q_silu in (False, True):  # q from the gates kernel, or from its logits where read
-                y, x = torch.randn(B, T, H * K), torch.randn(B, T, H * K)
-                v, do, h0 = torch.randn(B, T, H, V), torch.randn(B, T, H, V), torch.randn(B, H, K, V)
-                gates_triton(y, x, lb, record, write_q=not q_silu)
-                heads = (B, T, H, K)
-                q, g = torch.randn(B, T, H, K), -torch.rand(B, T, H, K)  # stand-ins: nothing ran
-                q = y.view(heads) if q_silu else q
-                _, _, states = C.chunk_hgrn2_fwd_with_states(q, g, v, h0, 0.3, q_silu)
-                C.chunk_hgrn2_bwd(q, g, v, h0, do, h0, 0.3, None, (y.view(heads), x.view(heads), lb), q_silu)
+            y, x = torch.randn(B, T, H * K), torch.randn(B, T, H * K)
+            v, do, h0 = torch.randn(B, T, H, V), torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+            q, g = gates_triton(y, x, lb, record)
+            q, g = torch.randn(B, T, H, K), -torch.rand(B, T, H, K)  # stand-ins: nothing ran
+            _, _, states = C.chunk_hgrn2_fwd_with_states(q, g, v, h0, 0.3)
+            heads = (B, T, H, K)
+            C.chunk_hgrn2_bwd(q, g, v, h0, do, h0, 0.3, None, (y.view(heads), x.view(heads), lb))
     # The K = V = 1 scan (HGRN1's heads), plain and gated, with and without a lower bound: its kernels
     # on these CPU tensors as on the GPU (scan1._triton says where they run).
     scan1.launcher, scan1._triton = record, lambda *tensors: True
