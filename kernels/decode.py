@@ -47,20 +47,21 @@ DOT_MIN_BATCH = 16  # tl.dot's smallest tile side; below it a tile of rows would
 # registers a thread holds for it: 4096 elements at 4 warps is 32. Starting points to be swept on
 # the GPU (tools or tests may assign into this dict).
 LAUNCH = {
-    # q/f/i: 3 x D outputs. B=1: 8 rows a program gives 3 D / 8 = 384 programs for D = 1024 (about
-    # three per SM), each streaming a whole 512-wide slice of its rows per step.
-    "qfi": {"b1": dict(BLOCK_B=1, BLOCK_N=8, BLOCK_K=512, num_warps=4),
+    # q/f/i: 3 x D outputs. B=1: 4 rows a program gives 3 D / 4 = 768 programs for D = 1024 (about
+    # six per SM), each streaming a 512-wide slice of its rows per step.
+    "qfi": {"b1": dict(BLOCK_B=1, BLOCK_N=4, BLOCK_K=512, num_warps=4),
             # more rows a program, a shorter K slice: the same 4096-element product
             "small": dict(BLOCK_B=4, BLOCK_N=8, BLOCK_K=128, num_warps=4),
-            # 32 weight rows a tile, 8 warps, 3 stages: 9.8 us a call at B = 32 against 13.1 for 16
-            # rows at 4 warps (the H200, 374M shapes; RESULTS.md)
-            "dot": dict(BLOCK_B=32, BLOCK_N=32, BLOCK_K=128, num_warps=8, num_stages=3)},
-    # o_proj: only D outputs, so 4 rows a program (256 programs at D = 1024) to cover the SMs
-    "o": {"b1": dict(BLOCK_B=1, BLOCK_N=4, BLOCK_K=1024, num_warps=4),
+            # 16 batch rows by 64 weight rows, 256 keys a step: two row blocks share each weight
+            # tile through L2 (RESULTS.md, the decode sweep)
+            "dot": dict(BLOCK_B=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3)},
+    # o_proj: only D outputs over D inputs, the whole row a step: 8 rows a program (128 programs at
+    # D = 1024) at 8 warps
+    "o": {"b1": dict(BLOCK_B=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8),
           "small": dict(BLOCK_B=4, BLOCK_N=4, BLOCK_K=256, num_warps=4),
           "dot": dict(BLOCK_B=32, BLOCK_N=16, BLOCK_K=128, num_warps=4)},
-    # gate + up: I outputs, two weights each: 8 rows (352 programs at I = 2816) already fill the GPU
-    "glu": {"b1": dict(BLOCK_B=1, BLOCK_N=8, BLOCK_K=512, num_warps=4),
+    # gate + up: I outputs, two weights each: 4 rows (704 programs at I = 2816), about five a SM
+    "glu": {"b1": dict(BLOCK_B=1, BLOCK_N=4, BLOCK_K=512, num_warps=4),
             "small": dict(BLOCK_B=4, BLOCK_N=8, BLOCK_K=128, num_warps=4),
             "dot": dict(BLOCK_B=32, BLOCK_N=16, BLOCK_K=128, num_warps=4)},
     # down_proj: D outputs over I inputs: as o_proj, 4 rows a program for enough programs
@@ -68,8 +69,9 @@ LAUNCH = {
              "small": dict(BLOCK_B=4, BLOCK_N=4, BLOCK_K=256, num_warps=4),
              "dot": dict(BLOCK_B=32, BLOCK_N=16, BLOCK_K=128, num_warps=4)},
     # recurrence: a [K, BLOCK_V] fp32 state tile a program; B * H * V / BLOCK_V programs. Narrow
-    # tiles at small batch (B=1, H=8, V=128: 64 programs), wider once the batch alone fills the GPU.
-    "state": {"b1": dict(BLOCK_V=16, num_warps=4),
+    # tiles at small batch (B=1, H=8, V=128, 8 columns: 128 programs), wider once the batch alone
+    # fills the GPU.
+    "state": {"b1": dict(BLOCK_V=8, num_warps=8),
               "small": dict(BLOCK_V=32, num_warps=4),
               "dot": dict(BLOCK_V=64, num_warps=4)},
 }
