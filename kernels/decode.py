@@ -17,7 +17,9 @@ rounded values, the gates as `kernels.gates` (log f in fp32, k = 1 - f = -expm1(
 
 Each weight is read in place (three pointers for q, f, i; gate and up side by side): no
 concatenated copy. Small batches multiply and sum elementwise (a matvec is a bandwidth problem);
-from DOT_MIN_BATCH rows on, tiles go through tl.dot. Launch settings come from LAUNCH.
+from DOT_MIN_BATCH rows on, tiles go through tl.dot. Launch settings come from LAUNCH
+(`kernels.decode_launch`); with SPLIT_K > 1 a matvec's K slices are split over that many programs
+a tile, which the last of them sums in a fixed order (`_split_sum`).
 
 The kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests); elsewhere
 the wrappers compute the reference instead.
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from hgrn2mini.kernels.decode_launch import DOT_MIN_BATCH, LAUNCH, launch_settings, split_scratch  # noqa: F401
 from hgrn2mini.kernels.gates import _INTERPRET, _INTERPRETING, MASKED_F_LOGIT, _log_gate, gates
 from hgrn2mini.kernels.norm import rms_norm_ref
 from hgrn2mini.kernels.settings import cdiv
@@ -38,52 +41,6 @@ from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _MASKED = tl.constexpr(MASKED_F_LOGIT)
-DOT_MIN_BATCH = 16  # tl.dot's smallest tile side; below it a tile of rows would be mostly padding
-
-# Launch table: kernel -> regime -> Triton settings. Regimes: "b1" (one row), "small" (2 to
-# DOT_MIN_BATCH - 1 rows, BLOCK_B capped at the batch's next power of two), "dot"
-# (tl.dot on [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles). The elementwise paths keep a
-# [BLOCK_B, BLOCK_N, BLOCK_K] fp32 product, so BLOCK_B * BLOCK_N * BLOCK_K / (32 num_warps) is the
-# registers a thread holds for it: 4096 elements at 4 warps is 32. Starting points to be swept on
-# the GPU (tools or tests may assign into this dict).
-LAUNCH = {
-    # q/f/i: 3 x D outputs. B=1: 4 rows a program gives 3 D / 4 = 768 programs for D = 1024 (about
-    # six per SM), each streaming a 512-wide slice of its rows per step.
-    "qfi": {"b1": dict(BLOCK_B=1, BLOCK_N=4, BLOCK_K=512, num_warps=4),
-            # more rows a program, a shorter K slice: the same 4096-element product
-            "small": dict(BLOCK_B=4, BLOCK_N=8, BLOCK_K=128, num_warps=4),
-            # 16 batch rows by 64 weight rows, 256 keys a step: two row blocks share each weight
-            # tile through L2 (RESULTS.md, the decode sweep)
-            "dot": dict(BLOCK_B=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3)},
-    # o_proj: only D outputs over D inputs, the whole row a step: 8 rows a program (128 programs at
-    # D = 1024) at 8 warps
-    "o": {"b1": dict(BLOCK_B=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8),
-          "small": dict(BLOCK_B=4, BLOCK_N=4, BLOCK_K=256, num_warps=4),
-          "dot": dict(BLOCK_B=32, BLOCK_N=16, BLOCK_K=128, num_warps=4)},
-    # gate + up: I outputs, two weights each: 4 rows (704 programs at I = 2816), about five a SM
-    "glu": {"b1": dict(BLOCK_B=1, BLOCK_N=4, BLOCK_K=512, num_warps=4),
-            "small": dict(BLOCK_B=4, BLOCK_N=8, BLOCK_K=128, num_warps=4),
-            "dot": dict(BLOCK_B=32, BLOCK_N=16, BLOCK_K=128, num_warps=4)},
-    # down_proj: D outputs over I inputs: as o_proj, 4 rows a program for enough programs
-    "down": {"b1": dict(BLOCK_B=1, BLOCK_N=4, BLOCK_K=1024, num_warps=4),
-             "small": dict(BLOCK_B=4, BLOCK_N=4, BLOCK_K=256, num_warps=4),
-             "dot": dict(BLOCK_B=32, BLOCK_N=16, BLOCK_K=128, num_warps=4)},
-    # recurrence: a [K, BLOCK_V] fp32 state tile a program; B * H * V / BLOCK_V programs. Narrow
-    # tiles at small batch (B=1, H=8, V=128, 8 columns: 128 programs), wider once the batch alone
-    # fills the GPU.
-    "state": {"b1": dict(BLOCK_V=8, num_warps=8),
-              "small": dict(BLOCK_V=32, num_warps=4),
-              "dot": dict(BLOCK_V=64, num_warps=4)},
-}
-
-
-def launch_settings(kernel: str, B: int) -> dict:
-    """LAUNCH[kernel] for batch size B (a copy; BLOCK_B capped by the batch's next power of two)."""
-    regime = "b1" if B == 1 else ("small" if B < DOT_MIN_BATCH else "dot")
-    s = dict(LAUNCH[kernel][regime])
-    if regime == "small" and "BLOCK_B" in s:
-        s["BLOCK_B"] = min(s["BLOCK_B"], triton.next_power_of_2(B))
-    return s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,23 +162,32 @@ def _after_previous_kernel(PDL: tl.constexpr):
 @triton.jit
 def _matvec(x, nw, w0, w1, rows, cols, B, N, Kd, eps, NORM: tl.constexpr, TWO: tl.constexpr, DOT: tl.constexpr,
             DOT_PREC: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr):
+            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """fp32 [BLOCK_B, BLOCK_N] tiles of norm(x) W0^T (and W1^T where TWO) for rows of x [B, Kd]
-    and output columns `cols` of W [N, Kd]; the norm's 1 / rms of each row first (`_rstd`). The
-    first K slice of the weights is loaded before the wait for the previous kernel (PDL)."""
+    and output columns `cols` of W [N, Kd]; the norm's 1 / rms of each row first, over the whole
+    row (`_rstd`). The first K slice of the weights is loaded before the wait for the previous
+    kernel (PDL). With SPLIT_K > 1, over the K slices of split tl.program_id(2) only: split s takes
+    slices [s nk / SPLIT_K, (s + 1) nk / SPLIT_K) of the nk = cdiv(Kd, BLOCK_K), at least one (the
+    host caps SPLIT_K at nk)."""
     if DOT:
         acc0 = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     else:  # elementwise products kept per K lane, summed once after the loop
         acc0 = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc1 = acc0
-    ck = tl.arange(0, BLOCK_K)
+    k_lo = 0
+    k_hi = Kd
+    if SPLIT_K > 1:
+        nk = tl.cdiv(Kd, BLOCK_K)
+        k_lo = tl.program_id(2) * nk // SPLIT_K * BLOCK_K
+        k_hi = (tl.program_id(2) + 1) * nk // SPLIT_K * BLOCK_K
+    ck = k_lo + tl.arange(0, BLOCK_K)
     wt0, wt1 = _w_tiles(w0, w1, cols, N, Kd, ck, TWO)
     _after_previous_kernel(PDL)
     r = tl.zeros([BLOCK_B], dtype=tl.float32)
     if NORM > 0:
         r = _rstd(x, rows, B, Kd, eps, BLOCK_B, BLOCK_K)
     acc0, acc1 = _mv_slice(acc0, acc1, x, nw, r, wt0, wt1, rows, B, Kd, ck, NORM, TWO, DOT, DOT_PREC)
-    for k0 in range(BLOCK_K, Kd, BLOCK_K):
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         ck = k0 + tl.arange(0, BLOCK_K)
         wt0, wt1 = _w_tiles(w0, w1, cols, N, Kd, ck, TWO)
         acc0, acc1 = _mv_slice(acc0, acc1, x, nw, r, wt0, wt1, rows, B, Kd, ck, NORM, TWO, DOT, DOT_PREC)
@@ -233,13 +199,56 @@ def _matvec(x, nw, w0, w1, rows, cols, B, N, Kd, eps, NORM: tl.constexpr, TWO: t
 
 
 @triton.jit
-def _matvec_kernel(x, nw, w0, w1, w2, res, out, B, N, Kd, eps, NUM_W: tl.constexpr, NORM: tl.constexpr,
+def _split_sum(acc0, acc1, ws, cnt, TWO: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_B: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """(last, acc0, acc1): this program's partial tiles of a SPLIT_K-way split, and whether it
+    arrived last; if so, the sums of all SPLIT_K partials in the order s = 0, 1, ..: the same bits
+    whichever program arrives last. Each program stores its partials at ws[tile, s] (fp32,
+    [tiles, SPLIT_K, 1 + TWO, BLOCK_B, BLOCK_N]) and counts itself in cnt[tile]; the last puts
+    cnt[tile] back to 0 for the next launch (every program of the tile has counted by then, and the
+    next launch reads it only after this one completes: a kernel boundary, or griddepcontrol.wait
+    under PDL, which waits for the whole previous grid and its writes).
+
+    Memory model: one thread performs the scalar atomic, every thread stores partials. The barrier
+    (bar.sync) orders all threads' stores before it, and the add is acq_rel at GPU scope, whose
+    release is cumulative: it publishes what that thread has observed, the whole CTA's stores
+    through the barrier (CUDA's __syncthreads(); __threadfence(); atomicAdd() pattern). In the
+    last program the add's acquire, then the barrier through which Triton hands its result to
+    every thread, orders every thread's reads after the other programs' releases. The reads are
+    .cg (at L2, around the SM's L1, which is not coherent between SMs)."""
+    tile = tl.program_id(0) + tl.num_programs(0) * tl.program_id(1)
+    size: tl.constexpr = BLOCK_B * BLOCK_N
+    t = tl.arange(0, BLOCK_B)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    part = ws + tile * (SPLIT_K * (1 + TWO) * size)
+    mine = part + tl.program_id(2) * ((1 + TWO) * size) + t
+    tl.store(mine, acc0)
+    if TWO:
+        tl.store(mine + size, acc1)
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+    if last:
+        acc0 = tl.load(part + t, cache_modifier=".cg")
+        if TWO:
+            acc1 = tl.load(part + size + t, cache_modifier=".cg")
+        for s in tl.static_range(1, SPLIT_K):
+            acc0 += tl.load(part + s * ((1 + TWO) * size) + t, cache_modifier=".cg")
+            if TWO:
+                acc1 += tl.load(part + s * ((1 + TWO) * size) + size + t, cache_modifier=".cg")
+        tl.store(cnt + tile, 0)
+    return last, acc0, acc1
+
+
+@triton.jit
+def _matvec_kernel(x, nw, w0, w1, w2, res, out, ws, cnt, B, N, Kd, eps, NUM_W: tl.constexpr, NORM: tl.constexpr,
                    GLU: tl.constexpr, RESIDUAL: tl.constexpr, DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   PDL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   PDL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr = 1):
     """out[.., rows, cols] of one of three products, by the constexprs:
     NUM_W weights, program column j: out[j // nb] = norm(x) W_{j // nb}^T     (q/f/i; o; down)
     GLU:  out = silu(norm(x) W0^T) * (norm(x) W1^T)                          (gate, up)
-    RESIDUAL: out = res + the product (out may be res: each program reads only its own tile)."""
+    RESIDUAL: out = res + the product (out may be res: only the program that stores a tile reads it).
+    SPLIT_K > 1: grid axis 2 splits K; the last program of a tile finishes it (`_split_sum`, with
+    the scratch ws, cnt)."""
     nb = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     which = pid // nb
@@ -253,17 +262,21 @@ def _matvec_kernel(x, nw, w0, w1, w2, res, out, B, N, Kd, eps, NUM_W: tl.constex
             if which == 2:
                 w = w2
     acc0, acc1 = _matvec(x, nw, w, w1, rows, cols, B, N, Kd, eps, NORM, GLU, DOT, DOT_PREC, PDL, BLOCK_B, BLOCK_N,
-                         BLOCK_K)
-    dt = out.dtype.element_ty
-    y = acc0.to(dt)
-    if GLU:  # as F.silu then the product, each rounded to the activation dtype
-        g = y.to(tl.float32)
-        y = ((g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * acc1.to(dt).to(tl.float32)).to(dt)
-    off = rows[:, None] * N + cols[None, :]
-    m = (rows < B)[:, None] & (cols < N)[None, :]
-    if RESIDUAL:
-        y = (tl.load(res + off, mask=m, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
-    tl.store(out + which * B * N + off, y, mask=m)
+                         BLOCK_K, SPLIT_K)
+    last = True
+    if SPLIT_K > 1:
+        last, acc0, acc1 = _split_sum(acc0, acc1, ws, cnt, GLU, SPLIT_K, BLOCK_B, BLOCK_N)
+    if last:
+        dt = out.dtype.element_ty
+        y = acc0.to(dt)
+        if GLU:  # as F.silu then the product, each rounded to the activation dtype
+            g = y.to(tl.float32)
+            y = ((g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * acc1.to(dt).to(tl.float32)).to(dt)
+        off = rows[:, None] * N + cols[None, :]
+        m = (rows < B)[:, None] & (cols < N)[None, :]
+        if RESIDUAL:
+            y = (tl.load(res + off, mask=m, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
+        tl.store(out + which * B * N + off, y, mask=m)
 
 
 @triton.jit
@@ -342,16 +355,22 @@ def _launch_matvec(kernel: str, x, norm_weight, eps, weights, out, residual, nor
     B, Kd = x.shape
     N = weights[0].shape[0]
     s = launch_settings(kernel, B)
+    split = min(s.pop("SPLIT_K", 1), cdiv(Kd, s["BLOCK_K"]))  # every split at least one K slice
     dot = B >= DOT_MIN_BATCH
     nw = norm_weight if norm_weight is not None else x  # never read without a weight
     w = list(weights) + [weights[0]] * (3 - len(weights))  # unused pointers are never read
     num_w = 1 if glu else len(weights)
-    grid = (num_w * cdiv(N, s["BLOCK_N"]), cdiv(B, s["BLOCK_B"]))
+    grid = (num_w * cdiv(N, s["BLOCK_N"]), cdiv(B, s["BLOCK_B"]), split)
+    ws = cnt = x  # never read without a split
+    if split > 1:
+        tiles = grid[0] * grid[1]
+        ws, cnt = split_scratch(x.device, tiles * split * (1 + glu) * s["BLOCK_B"] * s["BLOCK_N"], tiles)
     pdl = _pdl(x)
-    _matvec_kernel[grid](x, nw, w[0], w[1], w[2], residual if residual is not None else out, out, B, N, Kd,
-                         float(eps), NUM_W=num_w, NORM=(0 if not norm else 2 if norm_weight is not None else 1),
+    _matvec_kernel[grid](x, nw, w[0], w[1], w[2], residual if residual is not None else out, out, ws, cnt, B, N,
+                         Kd, float(eps), NUM_W=num_w, NORM=(0 if not norm else 2 if norm_weight is not None else 1),
                          GLU=glu, RESIDUAL=residual is not None, DOT=dot,
-                         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, launch_pdl=pdl, **s)
+                         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, SPLIT_K=split,
+                         launch_pdl=pdl, **s)
 
 
 def norm_matvec(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, weights, out: torch.Tensor):

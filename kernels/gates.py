@@ -111,7 +111,11 @@ def _log_gate(f, lb, cols, HAS_LB: tl.constexpr):
         b = _log1p(-bound)[None, :] + g
         hi = tl.maximum(a, b)
         r = (1.0 - bound)[None, :] * rest  # 1 - f = (1 - lb) sigmoid(-f_logits)
-        g = tl.where(r < 0.5, _log1p(-tl.minimum(r, 0.5)), hi + _log1p(tl.exp(tl.minimum(a, b) - hi)))
+        # Both forms end in a log1p, taken once of the argument each element's form picks:
+        # log1p(-r) where f is near 1, hi + log1p(exp(lo - hi)) elsewhere.
+        near_one = r < 0.5
+        l1p = _log1p(tl.where(near_one, -tl.minimum(r, 0.5), tl.exp(tl.minimum(a, b) - hi)))
+        g = tl.where(near_one, l1p, hi + l1p)
     return g
 
 
