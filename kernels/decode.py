@@ -33,7 +33,15 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from hgrn2mini.kernels.decode_launch import DOT_MIN_BATCH, LAUNCH, launch_settings, split_scratch  # noqa: F401
+from hgrn2mini.kernels.decode_launch import (  # noqa: F401  (LAUNCH: kernels.decode.LAUNCH is the table)
+    DOT_MIN_BATCH,
+    LAUNCH,
+    check_2d,
+    check_norm_weight,
+    check_x,
+    launch_settings,
+    split_scratch,
+)
 from hgrn2mini.kernels.gates import _INTERPRET, _INTERPRETING, MASKED_F_LOGIT, _log_gate, gates
 from hgrn2mini.kernels.norm import rms_norm_ref
 from hgrn2mini.kernels.settings import cdiv
@@ -164,11 +172,10 @@ def _matvec(x, nw, w0, w1, rows, cols, B, N, Kd, eps, NORM: tl.constexpr, TWO: t
             DOT_PREC: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """fp32 [BLOCK_B, BLOCK_N] tiles of norm(x) W0^T (and W1^T where TWO) for rows of x [B, Kd]
-    and output columns `cols` of W [N, Kd]; the norm's 1 / rms of each row first, over the whole
-    row (`_rstd`). The first K slice of the weights is loaded before the wait for the previous
-    kernel (PDL). With SPLIT_K > 1, over the K slices of split tl.program_id(2) only: split s takes
-    slices [s nk / SPLIT_K, (s + 1) nk / SPLIT_K) of the nk = cdiv(Kd, BLOCK_K), at least one (the
-    host caps SPLIT_K at nk)."""
+    and output columns `cols` of W [N, Kd]; the norm's 1 / rms of each row over the whole row
+    first (`_rstd`). The first K slice of the weights is loaded before the wait for the previous
+    kernel (PDL). SPLIT_K > 1: only split s = tl.program_id(2)'s K slices, [s nk / SPLIT_K,
+    (s + 1) nk / SPLIT_K) of nk = cdiv(Kd, BLOCK_K), at least one (the host caps SPLIT_K at nk)."""
     if DOT:
         acc0 = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     else:  # elementwise products kept per K lane, summed once after the loop
@@ -201,21 +208,20 @@ def _matvec(x, nw, w0, w1, rows, cols, B, N, Kd, eps, NORM: tl.constexpr, TWO: t
 @triton.jit
 def _split_sum(acc0, acc1, ws, cnt, TWO: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_B: tl.constexpr,
                BLOCK_N: tl.constexpr):
-    """(last, acc0, acc1): this program's partial tiles of a SPLIT_K-way split, and whether it
-    arrived last; if so, the sums of all SPLIT_K partials in the order s = 0, 1, ..: the same bits
-    whichever program arrives last. Each program stores its partials at ws[tile, s] (fp32,
-    [tiles, SPLIT_K, 1 + TWO, BLOCK_B, BLOCK_N]) and counts itself in cnt[tile]; the last puts
-    cnt[tile] back to 0 for the next launch (every program of the tile has counted by then, and the
-    next launch reads it only after this one completes: a kernel boundary, or griddepcontrol.wait
-    under PDL, which waits for the whole previous grid and its writes).
+    """(last, acc0, acc1): whether this program of the tile's SPLIT_K arrives last, and if so the
+    sums of all SPLIT_K partials in the order s = 0, 1, ..: the same bits whichever arrives last.
+    Each program stores its partials at ws[tile, s] (fp32, [tiles, SPLIT_K, 1 + TWO, BLOCK_B,
+    BLOCK_N]) and counts itself in cnt[tile]; the last puts cnt[tile] back to 0 (every program of
+    the tile has counted by then; the next launch reads it after this one completes: a kernel
+    boundary, or griddepcontrol.wait under PDL, which waits for the whole grid and its writes).
 
-    Memory model: one thread performs the scalar atomic, every thread stores partials. The barrier
-    (bar.sync) orders all threads' stores before it, and the add is acq_rel at GPU scope, whose
-    release is cumulative: it publishes what that thread has observed, the whole CTA's stores
-    through the barrier (CUDA's __syncthreads(); __threadfence(); atomicAdd() pattern). In the
-    last program the add's acquire, then the barrier through which Triton hands its result to
-    every thread, orders every thread's reads after the other programs' releases. The reads are
-    .cg (at L2, around the SM's L1, which is not coherent between SMs)."""
+    Memory model: every thread stores partials, one thread performs the scalar atomic. The barrier
+    (bar.sync) orders all threads' stores before the add, which is acq_rel at GPU scope: its
+    release is cumulative, publishing what its thread has observed, the whole CTA's stores through
+    the barrier (CUDA's __syncthreads(); __threadfence(); atomicAdd()). In the last program the
+    acquire, then the barrier through which Triton hands the add's result to every thread, orders
+    every thread's reads after all other programs' releases; the reads are .cg (L2, around the
+    SM's L1, which is not coherent between SMs)."""
     tile = tl.program_id(0) + tl.num_programs(0) * tl.program_id(1)
     size: tl.constexpr = BLOCK_B * BLOCK_N
     t = tl.arange(0, BLOCK_B)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -332,25 +338,6 @@ def _runs_kernels(t: torch.Tensor) -> bool:
     return t.is_cuda or (_INTERPRETING and t.device.type == "cpu")
 
 
-def _check_2d(name: str, t: torch.Tensor, rows: int | None, cols: int, dtype: torch.dtype, device) -> None:
-    want = f"[{rows if rows is not None else 'B'}, {cols}]"
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor {want}, got {type(t).__name__}")
-    if t.dim() != 2 or (rows is not None and t.shape[0] != rows) or t.shape[1] != cols:
-        raise ValueError(f"{name} must be {want}, got {list(t.shape)}")
-    if t.dtype != dtype or t.device != device:
-        raise ValueError(f"{name} must be {dtype} on {device}, got {t.dtype} on {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
-def _check_norm_weight(name: str, w, D: int, device) -> None:
-    if w is not None and (not isinstance(w, torch.Tensor) or w.shape != (D,) or w.device != device
-                          or not w.is_contiguous()):
-        raise ValueError(f"{name} must be None or a contiguous [{D}] tensor on {device}, got "
-                         f"{list(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
-
-
 def _launch_matvec(kernel: str, x, norm_weight, eps, weights, out, residual, norm: bool, glu: bool) -> None:
     B, Kd = x.shape
     N = weights[0].shape[0]
@@ -375,13 +362,13 @@ def _launch_matvec(kernel: str, x, norm_weight, eps, weights, out, residual, nor
 
 def norm_matvec(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, weights, out: torch.Tensor):
     """out [len(weights), B, N] = rmsnorm(x) W^T for each of 1 to 3 weights [N, D] (kernel 1)."""
-    B, D = _check_x(x)
+    B, D = check_x(x)
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"weights must hold 1 to 3 matrices, got {len(weights)}")
     N = weights[0].shape[0] if weights[0].dim() == 2 else -1
     for j, w in enumerate(weights):
-        _check_2d(f"weights[{j}]", w, N, D, x.dtype, x.device)
-    _check_norm_weight("norm_weight", norm_weight, D, x.device)
+        check_2d(f"weights[{j}]", w, N, D, x.dtype, x.device)
+    check_norm_weight("norm_weight", norm_weight, D, x.device)
     if not isinstance(out, torch.Tensor) or out.shape != (len(weights), B, N) or out.dtype != x.dtype \
             or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {x.dtype} [{len(weights)}, {B}, {N}] tensor")
@@ -403,10 +390,10 @@ def matvec_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) ->
 
 
 def _matvec_add(kernel, x, norm: bool, norm_weight, eps, weight, residual) -> torch.Tensor:
-    B, D = _check_x(x)
-    _check_norm_weight("norm_weight", norm_weight, D, x.device)
-    _check_2d("weight", weight, None, D, x.dtype, x.device)
-    _check_2d("residual", residual, B, weight.shape[0], x.dtype, x.device)
+    B, D = check_x(x)
+    check_norm_weight("norm_weight", norm_weight, D, x.device)
+    check_2d("weight", weight, None, D, x.dtype, x.device)
+    check_2d("residual", residual, B, weight.shape[0], x.dtype, x.device)
     if not _runs_kernels(x):
         if norm:
             return residual.copy_(norm_matvec_add_ref(x, norm_weight, eps, weight, residual))
@@ -417,11 +404,11 @@ def _matvec_add(kernel, x, norm: bool, norm_weight, eps, weight, residual) -> to
 
 def norm_glu(x: torch.Tensor, norm_weight, eps: float, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor):
     """out [B, I] = silu(rmsnorm(x) gate^T) * (rmsnorm(x) up^T), gate and up [I, D] (kernel 4)."""
-    B, D = _check_x(x)
-    _check_norm_weight("norm_weight", norm_weight, D, x.device)
-    _check_2d("gate", gate, None, D, x.dtype, x.device)
-    _check_2d("up", up, gate.shape[0], D, x.dtype, x.device)
-    _check_2d("out", out, B, gate.shape[0], x.dtype, x.device)
+    B, D = check_x(x)
+    check_norm_weight("norm_weight", norm_weight, D, x.device)
+    check_2d("gate", gate, None, D, x.dtype, x.device)
+    check_2d("up", up, gate.shape[0], D, x.dtype, x.device)
+    check_2d("out", out, B, gate.shape[0], x.dtype, x.device)
     if not _runs_kernels(x):
         return out.copy_(norm_glu_ref(x, norm_weight, eps, gate, up))
     _launch_matvec("glu", x, norm_weight, eps, [gate, up], out, None, norm=True, glu=True)
@@ -443,7 +430,7 @@ def recurrent_step(qfi: torch.Tensor, lower_bound: torch.Tensor | None, live: to
     if not isinstance(qfi, torch.Tensor) or qfi.shape != (3, B, D) or not qfi.is_contiguous() \
             or qfi.device != state.device:
         raise ValueError(f"qfi must be a contiguous [3, {B}, {D}] tensor on {state.device}")
-    _check_2d("o", o, B, D, qfi.dtype, state.device)
+    check_2d("o", o, B, D, qfi.dtype, state.device)
     if not isinstance(live, torch.Tensor) or live.shape != (B,) or live.dtype != torch.bool:
         raise ValueError(f"live must be a bool [{B}] tensor")
     if lower_bound is not None and (lower_bound.shape != (D,) or lower_bound.dtype != torch.float32
@@ -461,12 +448,3 @@ def recurrent_step(qfi: torch.Tensor, lower_bound: torch.Tensor | None, live: to
         float(scale), HAS_LB=lower_bound is not None, PDL=pdl, BLOCK_K=K, BLOCK_V=BV, num_warps=s["num_warps"],
         launch_pdl=pdl)
     return o
-
-
-def _check_x(x) -> tuple[int, int]:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_contiguous():
-        raise ValueError(f"x must be a contiguous [B, D] tensor, got "
-                         f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    return x.shape
