@@ -186,24 +186,37 @@ def writes() -> int:
 
 def decode_pdl() -> int:
     """Compiles the fused decode kernels (kernels/decode.py) for sm_90 with programmatic dependent
-    launch, each launch setting of the 374M shapes' regimes: each must wait (griddepcontrol.wait)
-    after loading its first weight slice (the recurrent step: its state tile), before anything
-    else. Prints one line per variant, returns the number that failed."""
+    launch, each launch setting of the 374M shapes' regimes and split-K variants of the matvec
+    kernels: each must wait (griddepcontrol.wait) after loading its first weight slice (the
+    recurrent step: its state tile), before anything else. A split-K variant must also order its
+    partials before its counter: a barrier (bar.sync) between its last global store and the one
+    atomic, acq_rel at GPU scope, after the wait, and read partials only after it, through L2
+    (ld.global.cg). Prints one line per variant, returns the number that failed."""
     from hgrn2mini.kernels import decode as kd
 
-    mv = dict(x="*bf16", nw="*bf16", w0="*bf16", w1="*bf16", w2="*bf16", res="*bf16", out="*bf16", B="i32",
-              N="i32", Kd="i32", eps="fp32")
+    mv = dict(x="*bf16", nw="*bf16", w0="*bf16", w1="*bf16", w2="*bf16", res="*bf16", out="*bf16", ws="*fp32",
+              cnt="*i32", B="i32", N="i32", Kd="i32", eps="fp32")
     kinds = {"qfi": dict(NUM_W=3, NORM=2, GLU=False, RESIDUAL=False),
              "o": dict(NUM_W=1, NORM=2, GLU=False, RESIDUAL=True),
              "glu": dict(NUM_W=1, NORM=2, GLU=True, RESIDUAL=False),
              "down": dict(NUM_W=1, NORM=0, GLU=False, RESIDUAL=True)}
+    # The shipped settings, then split-K: o_proj and down_proj as the sweep's likely picks, q/f/i
+    # and gate/up at their shipped tiles split in two.
+    splits = {"b1": {"qfi": dict(SPLIT_K=2), "o": dict(BLOCK_N=8, BLOCK_K=256, SPLIT_K=4),
+                     "glu": dict(SPLIT_K=2), "down": dict(BLOCK_K=512, SPLIT_K=4)},
+              "dot": {"qfi": dict(SPLIT_K=2), "o": dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=8, num_stages=2),
+                      "glu": dict(SPLIT_K=2), "down": dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=4, num_stages=2)}}
     variants = []
-    for regime in ("b1", "small", "dot"):
-        for name, consts in kinds.items():
-            s = dict(kd.LAUNCH[name][regime])
-            warps, stages = s.pop("num_warps"), s.pop("num_stages", 1)
-            variants.append((f"{name} {regime}", kd._matvec_kernel, mv, {**consts, "DOT": regime == "dot",
-                             "DOT_PREC": "tf32", "PDL": True, **s}, warps, stages))
+    for split in (False, True):
+        for regime in ("b1", "small", "dot"):
+            for name, consts in kinds.items():
+                if split and regime == "small":
+                    continue
+                s = {**kd.LAUNCH[name][regime], **(splits[regime][name] if split else {})}
+                warps, stages = s.pop("num_warps"), s.pop("num_stages", 1)
+                label = f"{name} {regime}" + (f" SPLIT_K={s['SPLIT_K']}" if split else "")
+                variants.append((label, kd._matvec_kernel, mv, {**consts, "DOT": regime == "dot",
+                                 "DOT_PREC": "tf32", "PDL": True, **s}, warps, stages))
     rec = dict(qfi="*bf16", lb="*fp32", live="*u8", state="*fp32", o="*bf16", B="i32", D="i32", H="i32",
                K="i32", V="i32", scale="fp32")
     variants.append(("recurrent", kd._recurrent_kernel, rec, dict(HAS_LB=True, PDL=True, BLOCK_K=128, BLOCK_V=16),
@@ -212,15 +225,36 @@ def decode_pdl() -> int:
     for label, fn, types, consts, warps, stages in variants:
         try:
             lines = compile_sm90(fn, types, consts, warps, stages).asm["ptx"].splitlines()
-            wait = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
-            loads = [i for i, line in enumerate(lines) if "ld.global" in line]
-            ok = "ok" if len(wait) == 1 and loads and loads[0] < wait[0] else \
-                f"FAILED wait {wait}, first load {loads[:1]}"
+            ok = _pdl_order(lines)
+            if ok == "ok" and consts.get("SPLIT_K", 1) > 1:
+                ok = _split_order(lines)
         except Exception as e:  # noqa: BLE001 - reported, counted
             ok = "FAILED " + str(e).splitlines()[-1][:300]
         failed += not ok.startswith("ok")
         print(label, "PDL", ok, flush=True)
     return failed
+
+
+def _pdl_order(lines: list) -> str:
+    """"ok" where the PTX waits once, after a global load."""
+    wait = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+    loads = [i for i, line in enumerate(lines) if "ld.global" in line]
+    return "ok" if len(wait) == 1 and loads and loads[0] < wait[0] else f"FAILED wait {wait}, first load {loads[:1]}"
+
+
+def _split_order(lines: list) -> str:
+    """"ok" where the PTX's one atomic is acq_rel at GPU scope, after the wait, with a barrier
+    between it and the global store before it, and every ld.global.cg after it."""
+    find = lambda s: [i for i, line in enumerate(lines) if s in line]  # noqa: E731
+    atom, wait, cg = find("atom."), find("griddepcontrol.wait"), find("ld.global.cg")
+    if len(atom) != 1 or ".acq_rel" not in lines[atom[0]] or ".gpu" not in lines[atom[0]] or atom[0] < wait[0]:
+        return f"FAILED atomics {[lines[i].strip() for i in atom]}"
+    stores = [i for i in find("st.global") if i < atom[0]]
+    if not stores or not any(stores[-1] < i < atom[0] for i in find("bar.sync")):
+        return "FAILED no barrier between the partials' stores and the atomic"
+    if not cg or cg[0] < atom[0]:
+        return f"FAILED partials read at {cg[:1]}, the atomic at {atom[0]}"
+    return "ok, split-K ordered"
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hgrn2mini.kernels import decode as kd
+from hgrn2mini.kernels import decode_launch as kl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from naive import rel_err
@@ -30,11 +31,13 @@ needs_kernels = pytest.mark.skipif(not KERNELS, reason="the kernels run on CUDA 
 def small_blocks(monkeypatch):
     """Blocks small enough that the tiny shapes take several programs and K steps (masks at the
     edges), few enough programs that the interpreter stays quick."""
-    table = {k: {r: dict(s) for r, s in v.items()} for k, v in kd.LAUNCH.items()}
+    set_matvec_launch(monkeypatch, lambda r: dict(BLOCK_N=16 if r == "dot" else 32, BLOCK_K=32))
+
+
+def set_matvec_launch(monkeypatch, updates):
+    """The matvec kernels' LAUNCH entries with updates(regime) applied, restored after the test."""
     for k in ("qfi", "o", "glu", "down"):
-        for r, s in table[k].items():
-            s.update(BLOCK_N=16 if r == "dot" else 32, BLOCK_K=32)
-    monkeypatch.setattr(kd, "LAUNCH", table)
+        monkeypatch.setitem(kd.LAUNCH, k, {r: {**s, **updates(r)} for r, s in kd.LAUNCH[k].items()})
 
 
 def f64_norm(x, w, eps):
@@ -100,6 +103,51 @@ def check_matvecs(B, D, N, with_weight, seed, dtype):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_matvec_kernels_match_float64(B, D, N, with_weight, seed, small_blocks):
     check_matvecs(B, D, N, with_weight, seed, torch.float32)
+
+
+def check_repeats(B, D, N, seed, dtype):
+    """Each matvec kernel twice on the same inputs (GLU, residual, norm with and without weight):
+    the same bits, and every split-K counter back at zero."""
+    gen = torch.Generator().manual_seed(seed)
+    x, o, h = randn(B, D, gen=gen, dtype=dtype), randn(B, N, gen=gen, dtype=dtype), randn(B, N, gen=gen, dtype=dtype)
+    ws = [randn(N, D, gen=gen, scale=D**-0.5, dtype=dtype) for _ in range(3)]
+    wo = randn(D, N, gen=gen, scale=N**-0.5, dtype=dtype)
+    nw, res = 1 + randn(D, gen=gen, scale=0.3, dtype=dtype), randn(B, D, gen=gen, dtype=dtype)
+    calls = [lambda: kd.norm_matvec(x, nw, 1e-6, ws, torch.empty(3, B, N, device=DEVICE, dtype=dtype)),
+             lambda: kd.norm_matvec_add(o, None, 1e-5, wo, res.clone()),
+             lambda: kd.norm_glu(x, nw, 1e-6, ws[0], ws[1], torch.empty(B, N, device=DEVICE, dtype=dtype)),
+             lambda: kd.matvec_add(h, wo, res.clone())]
+    for call in calls:
+        assert torch.equal(call(), call())
+    assert not kl._SCRATCH[x.device][1].any()  # the counters (the launches made the scratch)
+
+
+@needs_kernels
+@pytest.mark.parametrize("B, split, with_weight", [(1, 2, True), (1, 3, False), (1, 4, True), (17, 2, False),
+                                                   (17, 3, True), (17, 4, False)])
+def test_split_k_matches_float64_and_repeats_its_bits(B, split, with_weight, monkeypatch):
+    """SPLIT_K programs a tile, the last to finish summing their partials: inputs of 72 (five
+    16-wide K slices, the last partial) and 40 (three, so split 4 is capped at 3), split unevenly,
+    at batch 1 and in the tl.dot regime (two row blocks for q/f/i). Two calls give the same bits
+    and leave the counters zero."""
+    set_matvec_launch(monkeypatch, lambda r: dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=split))
+    monkeypatch.setattr(kl, "_SCRATCH", {})  # made by the first split launch, its counters zero
+    check_matvecs(B, 72, 40, with_weight, split, torch.float32)
+    check_repeats(B, 72, 40, split, torch.float32)
+
+
+def test_split_k_scratch_grows_eagerly_and_never_under_capture(monkeypatch):
+    monkeypatch.setattr(kl, "_SCRATCH", {})
+    monkeypatch.setattr(kl, "_REPLACED", [])
+    cpu = torch.device("cpu")
+    first = kl.split_scratch(cpu, 100, 4)
+    assert kl.split_scratch(cpu, 50, 2) is first and not first[1].any()
+    grown = kl.split_scratch(cpu, 300, 4)
+    assert grown[0].numel() >= 300 and grown[1].numel() >= 8 and not grown[1].any()
+    assert kl._REPLACED == [first]  # graphs captured with it still point at it
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="run the same call \\(the decode step\\) once eagerly before capturing"):
+        kl.split_scratch(torch.device("cuda", 0), 100, 4)
 
 
 def check_recurrent(B, H, K, lb_kind, f_scale, live_p, seed, dtype):
@@ -276,13 +324,15 @@ def test_fused_choice_and_its_errors(monkeypatch):
 def test_decode_kernels_compile_with_programmatic_dependent_launch():
     """With PDL (the GPU's path; the interpreter cannot run griddepcontrol) every decode kernel
     variant compiles for sm_90 and waits for the previous kernel only after its first weight (or
-    state) load. Offline (Triton ships ptxas), in a process of its own (this one interprets)."""
+    state) load; split-K variants order their partials before their counter's acq_rel atomic.
+    Offline (Triton ships ptxas), in a process of its own (this one interprets)."""
     script = Path(__file__).resolve().parent / "offline.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script), "--decode-pdl"], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("PDL ok") == 13, run.stdout  # 4 matvec kernels x 3 regimes, the recurrent step
+    # 4 matvec kernels x 3 regimes, split-K in 2 of them, the recurrent step
+    assert run.stdout.count("PDL ok") == 21 and run.stdout.count("split-K ordered") == 8, run.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,6 +347,37 @@ def test_kernels_at_the_374m_shapes_cuda(B, dtype):
     check_matvecs(B, 1024, 2816, True, B, dtype)
     for lb_kind in ("none", "mid", "near1"):
         check_recurrent(B, 8, 128, lb_kind, 30.0, 0.7, B, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [2, 4, 8])
+@pytest.mark.parametrize("B", [1, 32])
+def test_split_k_at_the_374m_shapes_cuda(B, split, monkeypatch):
+    """Split-K in bf16 at the 374M shapes, eagerly and replayed from a CUDA graph captured after an
+    eager call (which makes the scratch): the same bits each time, the counters back at zero."""
+    set_matvec_launch(monkeypatch, lambda r: dict(SPLIT_K=split))
+    check_matvecs(B, 1024, 2816, True, B, torch.bfloat16)
+    check_repeats(B, 1024, 2816, B, torch.bfloat16)
+    gen = torch.Generator().manual_seed(split)
+    x, h = randn(B, 1024, gen=gen, dtype=torch.bfloat16), torch.empty(B, 2816, device=DEVICE, dtype=torch.bfloat16)
+    wg, wu = (randn(2816, 1024, gen=gen, scale=0.03, dtype=torch.bfloat16) for _ in range(2))
+    wd, res = randn(1024, 2816, gen=gen, scale=0.02, dtype=torch.bfloat16), x.clone()
+
+    def step():
+        kd.norm_glu(x, None, 1e-6, wg, wu, h)
+        kd.matvec_add(h, wd, res)
+
+    step()
+    want = (h.clone(), res.clone())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        h.zero_()
+        res.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(h, want[0]) and torch.equal(res, want[1]) and not kl._SCRATCH[x.device][1].any()
 
 
 @pytest.mark.gpu
