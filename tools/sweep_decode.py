@@ -1,14 +1,15 @@
 """Launch settings of the fused decode kernels (kernels/decode.py) at the 374M shapes, on a GPU.
 
-    OUT=DIR SWEEP_S=200 python tools/sweep_decode.py
+    OUT=DIR SWEEP_S=160 python tools/sweep_decode.py
 
 Each kernel runs over 24 layers' weights in turn (so L2 holds none of them) inside a CUDA graph,
-at batch 1 ("b1") and 32 ("dot"), for the shipped setting first and then each candidate until
-SWEEP_S seconds have passed, and the shipped setting once more without programmatic dependent
-launch (kernels.decode.USE_PDL). Prints microseconds a call and the bandwidth of the weights and
-state read; writes DIR/sweep_decode.json.
+at batch 32 ("dot") first, where the gap to the bandwidth floor is larger, then at batch 1
+("b1"): the shipped setting first, then each candidate (the likely best first, split-K ones
+among them) until SWEEP_S seconds have passed, and the shipped setting once more without
+programmatic dependent launch (kernels.decode.USE_PDL). Each candidate costs about a second,
+mostly Triton's compile: the lists below take about 150 s. Prints microseconds a call and the
+bandwidth of the weights and state read; writes DIR/sweep_decode.json.
 """
-import itertools
 import json
 import os
 import time
@@ -59,21 +60,62 @@ def calls(kernel, B):
         return (lambda: [kd.recurrent_step(qfi, lb, live, s, o, K ** -.5) for s in st]), B * H * K * K * 4 * 2
 
 
+def dot(*rows):
+    """Batch-32 settings from (BLOCK_B, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) rows."""
+    return [dict(BLOCK_B=b, BLOCK_N=n, BLOCK_K=k, **({"SPLIT_K": sk} if sk > 1 else {}), num_warps=w, num_stages=st)
+            for b, n, k, sk, w, st in rows]
+
+
+def b1(*rows):
+    """Batch-1 settings from (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) rows."""
+    return [dict(BLOCK_B=1, BLOCK_N=n, BLOCK_K=k, **({"SPLIT_K": sk} if sk > 1 else {}), num_warps=w)
+            for n, k, sk, w in rows]
+
+
+# At batch 32 o_proj and down_proj have 64 programs of 16 rows unsplit: split-K gives each tile 2
+# to 8 programs (a program of one or two K slices needs no deep pipeline: 2 stages; 3 where it
+# loops longer). 16-row blocks double the programs again, each weight tile read twice (via L2).
 GRID = {
-    "b1": {k: [dict(BLOCK_B=1, BLOCK_N=n, BLOCK_K=bk, num_warps=w) for n, bk, w in
-               itertools.product(*({"qfi": ([4, 8, 16], [256, 512], [4, 8]), "glu": ([4, 8, 16], [256, 512], [4, 8]),
-                                   "o": ([2, 4, 8], [512, 1024], [4, 8]), "down": ([2, 4, 8], [512, 1024], [4, 8])}[k]))]
-           for k in ("qfi", "o", "glu", "down")},
-    # Longer K slices first: at B = 32 a program's [BLOCK_N, BLOCK_K] weight tile per stage is all it
-    # has in flight, and o and down have 64 programs of 16 rows. BLOCK_B 16: twice the programs.
-    "dot": {k: [dict(BLOCK_B=b, BLOCK_N=n, BLOCK_K=bk, num_warps=w, num_stages=s) for bk, b, n, w, s in
-                itertools.product([256, 512, 128, 64], [32, 16], [16, 32, 64], [4, 8], [3, 2])]
-            for k in ("qfi", "o", "glu", "down")},
+    "dot": {
+        "o": dot((32, 16, 128, 8, 4, 2), (32, 16, 256, 4, 4, 2), (32, 16, 128, 4, 4, 2), (32, 32, 128, 8, 4, 2),
+                 (16, 16, 256, 4, 4, 2), (32, 16, 256, 4, 8, 2), (32, 32, 256, 4, 4, 2), (16, 16, 128, 8, 4, 2),
+                 (32, 64, 128, 8, 4, 2), (32, 16, 128, 8, 8, 2), (32, 32, 128, 4, 4, 3), (16, 32, 256, 4, 4, 2),
+                 (32, 16, 256, 2, 4, 3), (32, 64, 256, 4, 8, 2), (16, 16, 512, 2, 4, 2), (32, 32, 512, 2, 8, 2),
+                 (32, 16, 512, 2, 4, 2), (32, 16, 128, 2, 4, 3), (32, 16, 256, 1, 4, 3), (16, 16, 128, 1, 4, 3)),
+        "down": dot((32, 16, 256, 4, 4, 3), (32, 16, 128, 8, 4, 3), (32, 16, 256, 8, 4, 2), (32, 32, 128, 8, 4, 3),
+                    (32, 16, 512, 4, 8, 2), (16, 16, 256, 4, 4, 3), (32, 16, 128, 4, 4, 3), (32, 32, 256, 4, 4, 3),
+                    (32, 16, 512, 8, 4, 2), (16, 16, 256, 8, 4, 2), (32, 64, 128, 8, 4, 3), (32, 32, 256, 8, 8, 2),
+                    (32, 16, 256, 2, 4, 3), (16, 32, 256, 4, 4, 3), (32, 16, 256, 4, 8, 3), (32, 64, 256, 4, 8, 3),
+                    (32, 32, 512, 4, 8, 2), (16, 16, 512, 4, 4, 2), (32, 16, 256, 1, 4, 3), (16, 16, 128, 1, 4, 3)),
+        "qfi": dot((16, 64, 256, 2, 4, 3), (16, 64, 256, 4, 4, 2), (16, 32, 256, 2, 4, 3), (32, 32, 256, 2, 4, 3),
+                   (16, 64, 128, 4, 4, 3), (32, 32, 128, 4, 4, 3), (16, 32, 512, 2, 8, 2), (32, 16, 256, 2, 4, 3),
+                   (32, 64, 128, 8, 4, 2), (16, 64, 256, 2, 8, 3), (16, 32, 256, 4, 4, 2), (16, 16, 256, 2, 4, 3),
+                   (32, 64, 256, 4, 4, 2), (32, 64, 512, 2, 8, 2), (16, 32, 256, 1, 4, 3), (32, 32, 256, 1, 4, 3),
+                   (16, 64, 512, 1, 8, 2), (16, 64, 256, 1, 8, 3)),
+        "glu": dot((32, 16, 256, 2, 4, 3), (32, 16, 128, 2, 4, 3), (32, 16, 256, 4, 4, 2), (16, 16, 256, 2, 4, 3),
+                   (32, 16, 128, 4, 4, 2), (16, 32, 256, 2, 4, 3), (32, 32, 128, 4, 4, 3), (32, 16, 256, 4, 8, 2),
+                   (32, 32, 128, 8, 4, 2), (16, 16, 128, 4, 4, 2), (32, 64, 128, 8, 4, 2), (32, 16, 256, 2, 8, 3),
+                   (16, 32, 128, 4, 4, 2), (32, 16, 128, 8, 4, 2), (32, 16, 256, 1, 4, 3), (16, 16, 256, 1, 4, 3),
+                   (32, 16, 256, 1, 8, 3), (16, 32, 256, 1, 4, 3)),
+        "state": [dict(BLOCK_V=v, num_warps=w) for v, w in ((32, 4), (64, 8), (128, 4), (128, 8), (32, 8), (16, 4))],
+    },
+    # At batch 1 o_proj has 128 programs of 8 rows and down_proj 256 of 4: split-K for more; q/f/i
+    # and gate/up have about 700 already, so fewer of their candidates split.
+    "b1": {
+        "o": b1((8, 512, 2, 4), (4, 512, 2, 4), (8, 256, 4, 4), (16, 256, 4, 4), (8, 128, 8, 4), (4, 256, 4, 4),
+                (16, 512, 2, 8), (8, 512, 2, 8), (16, 128, 8, 4), (4, 1024, 1, 4), (2, 1024, 1, 4), (4, 512, 1, 4)),
+        "down": b1((4, 1024, 2, 4), (8, 512, 4, 4), (4, 512, 2, 4), (4, 512, 4, 4), (8, 256, 8, 4), (16, 256, 8, 4),
+                   (8, 1024, 2, 8), (16, 512, 4, 8), (4, 256, 8, 4), (8, 512, 2, 4), (2, 1024, 1, 4),
+                   (8, 1024, 1, 8)),
+        "qfi": b1((4, 512, 2, 4), (8, 512, 2, 4), (8, 256, 4, 4), (16, 256, 4, 4), (8, 512, 1, 4), (4, 256, 1, 4),
+                  (8, 512, 1, 8), (16, 512, 2, 8)),
+        "glu": b1((4, 512, 2, 4), (8, 512, 2, 4), (8, 256, 4, 4), (4, 256, 4, 4), (8, 512, 1, 4), (4, 256, 1, 4),
+                  (8, 512, 1, 8), (16, 256, 2, 8)),
+        "state": [dict(BLOCK_V=v, num_warps=w) for v, w in ((8, 4), (16, 4), (16, 8), (8, 2), (32, 4), (4, 8))],
+    },
 }
-GRID["b1"]["state"] = [dict(BLOCK_V=v, num_warps=w) for v in (8, 16, 32, 64) for w in (2, 4, 8)]
-GRID["dot"]["state"] = [dict(BLOCK_V=v, num_warps=w) for v in (16, 32, 64, 128) for w in (4, 8)]
-deadline = time.time() + float(os.environ.get("SWEEP_S", "200"))
-for regime, B in (("b1", 1), ("dot", 32)):
+deadline = time.time() + float(os.environ.get("SWEEP_S", "160"))
+for regime, B in (("dot", 32), ("b1", 1)):
     for kernel, cands in GRID[regime].items():
         base = dict(kd.LAUNCH[kernel][regime])
         fn, nbytes = calls(kernel, B)
