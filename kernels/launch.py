@@ -70,8 +70,13 @@ class _Launch:
             return self.kernel[grid](*args, **kwargs)
         options = tuple(sorted((k, kwargs[k]) for k in kwargs.keys() - self.name_set))
         device = torch.cuda.current_device()
-        key = (device, options, *[(x.dtype, x.data_ptr() % 16 == 0) if isinstance(x, torch.Tensor) else x
-                                  for x in values])
+        # Tensors go to the launcher as their addresses: given a tensor, Triton's launcher calls its
+        # data_ptr() and asks the driver about the address (cuPointerGetAttribute), a driver call
+        # per pointer per launch; given an int it takes it as is. A tensor off the GPU never gets
+        # here: its key (is_cuda) is one that Triton's own launch refused, so none was kept.
+        plain = [x.data_ptr() if isinstance(x, torch.Tensor) else x for x in values]
+        key = (device, options, *[(x.dtype, p % 16 == 0, x.is_cuda) if isinstance(x, torch.Tensor) else x
+                                  for x, p in zip(values, plain)])
         compiled = self.compiled.get(key)
         if compiled is None or _hooked():
             compiled = self.kernel[grid](*args, **kwargs)
@@ -82,7 +87,7 @@ class _Launch:
         grid = grid + (1, 1)
         try:
             compiled.run(grid[0], grid[1], grid[2], _raw_stream(device), compiled.function, compiled.packed_metadata,
-                         None, None, None, *values)
+                         None, None, None, *plain)
         except TypeError as e:  # a Triton whose launcher takes other arguments (refused before launching)
             CONFIG["direct_launch"] = False
             warnings.warn(f"hgrn2mini: launching through Triton from now on; its compiled launcher refused the "
