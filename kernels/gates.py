@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from hgrn2mini.kernels.settings import CONFIG, cdiv
+from hgrn2mini.kernels.settings import cdiv
 from triton.language.extra import libdevice
 
 # Whether Triton's interpreter runs the kernels (CPU tests). Read once, when this module is
@@ -142,8 +142,9 @@ def gates_triton(q_logits: torch.Tensor, f_logits: torch.Tensor, lower_bound: to
     q = torch.empty_like(q_logits)
     g = torch.empty(q_logits.shape, device=q_logits.device, dtype=torch.float32)
     lb = lower_bound.contiguous() if lower_bound is not None else q_logits  # never read then; never an output
-    # CONFIG["gates_rows"] x 128 elements a program, 8 a thread (kernels/settings.py)
-    BR, BD = CONFIG["gates_rows"], (128 if D % 128 == 0 else 16)
+    # 8 x 128 elements a program at 4 warps, 8 a thread: few registers, so that many programs share
+    # an SM and hide each other's loads (the fastest of rows 4-64 x warps 2-8 on the H200, RESULTS.md).
+    BR, BD = 8, (128 if D % 128 == 0 else 16)
     launch(_gates_kernel)[(cdiv(N, BR), D // BD)](q_logits, f_logits, lb, q, g, N, D, HAS_LB=lower_bound is not None,
-                                                  BR=BR, BD=BD, num_warps=CONFIG["gates_warps"])
+                                                  BR=BR, BD=BD, num_warps=4)
     return q, g

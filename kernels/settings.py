@@ -69,10 +69,6 @@ CONFIG = {
     # the whole-chunk path alone first needs fewer registers. Below it one launch takes every path
     # (two launches fault at V = 16 with Triton 3.6).
     "two_pass_min_dim": 64,
-    # Gates kernel (gates.py): gates_rows x 128 logits a program at gates_warps warps, 8 a thread:
-    # few registers, so that many programs share an SM and hide each other's loads (larger tiles
-    # leave the kernel latency-bound).
-    "gates_rows": 8, "gates_warps": 4,
     # Eager launches on real tensors through each kernel's compiled launcher (launch.py `_Launch`),
     # not Triton's per-call dispatch: the same kernels, less host time a launch.
     "direct_launch": True,
